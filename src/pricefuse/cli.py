@@ -1,0 +1,142 @@
+"""`pricefuse`: one subcommand per pipeline stage, plus demo-data, evaluate and predict.
+
+dvc.yaml and MLproject both call these commands, so a stage runs the same way whichever tool
+started it. Stage modules are imported lazily: `pricefuse --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from pricefuse import compat
+from pricefuse.config import ConfigError, Params, load_params
+from pricefuse.errors import StageError
+
+compat.apply_env_defaults()
+
+STAGES = (
+    "fetch_images",
+    "preprocess",
+    "embed",
+    "train_fusion",
+    "train_gbdt",
+    "ensemble",
+    "submit",
+)
+
+
+def _params_options(func: Callable) -> Callable:
+    func = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a parameter for this run only, e.g. --set fusion.lr=1e-3. "
+        "An empty value keeps params.yaml's.",
+    )(func)
+    func = click.option(
+        "--params",
+        "params_path",
+        type=click.Path(path_type=Path),
+        default=Path("params.yaml"),
+        show_default=True,
+        help="Parameter file.",
+    )(func)
+    return func
+
+
+def _load(params_path: Path, overrides: tuple[str, ...]) -> Params:
+    try:
+        return load_params(params_path, overrides)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pricefuse")
+def main() -> None:
+    """pricefuse: multimodal product price prediction pipeline."""
+
+
+def _make_stage_command(stage: str) -> click.Command:
+    module_name = f"pricefuse.stages.{stage}"
+
+    @_params_options
+    def command(params_path: Path, overrides: tuple[str, ...]) -> None:
+        params = _load(params_path, overrides)
+        compat.apply()
+        module = importlib.import_module(module_name)
+        try:
+            module.run(params)
+        except StageError as exc:
+            click.echo(f"error: {stage}: {exc}", err=True)
+            sys.exit(1)
+
+    command.__doc__ = f"Run the `{stage}` stage (see DESIGN.md, stage contracts)."
+    return click.command(name=stage.replace("_", "-"))(command)
+
+
+for _stage in STAGES:
+    main.add_command(_make_stage_command(_stage))
+
+
+@main.command("demo-data")
+@_params_options
+@click.option(
+    "--out-dir", type=click.Path(path_type=Path), default=None, help="Default: demo.out_dir"
+)
+def demo_data(params_path: Path, overrides: tuple[str, ...], out_dir: Path | None) -> None:
+    """Generate the deterministic synthetic demo dataset (CSV rows + rendered product images)."""
+    params = _load(params_path, overrides)
+    from pricefuse.data.demo import generate_demo
+
+    summary = generate_demo(params.demo, seed=params.seed, out_dir=out_dir)
+    click.echo(summary)
+
+
+@main.command("evaluate")
+@_params_options
+def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:
+    """Print the OOF SMAPE of every model and of the ensemble from the pipeline outputs."""
+    params = _load(params_path, overrides)
+    from pricefuse.reports import oof_report
+
+    click.echo(oof_report(params).to_string(index=False))
+
+
+@main.command("predict")
+@click.option("--model-uri", default=None, help="Default: models:/<registered_model>/latest")
+@click.option("--input", "input_csv", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option("--output", "output_csv", type=click.Path(path_type=Path), required=True)
+@_params_options
+def predict(
+    model_uri: str | None,
+    input_csv: Path,
+    output_csv: Path,
+    params_path: Path,
+    overrides: tuple[str, ...],
+) -> None:
+    """Predict prices for a CSV of raw product rows with the registered ensemble."""
+    params = _load(params_path, overrides)
+    compat.apply()
+    import mlflow
+    import pandas as pd
+
+    from pricefuse import tracking
+
+    tracking.configure(params.mlflow.experiment)
+    uri = model_uri or f"models:/{params.mlflow.registered_model}/latest"
+    model = mlflow.pyfunc.load_model(uri)
+    rows = pd.read_csv(input_csv)
+    prices = model.predict(rows)
+    prices.to_csv(output_csv, index=False)
+    click.echo(f"wrote {len(prices)} predictions to {output_csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Plots people would rather look at than read: predicted vs actual, learning curves,
+feature importance. Each function writes a PNG and returns its path (for mlflow.log_artifact).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from pricefuse.metrics import smape
+
+
+def pred_vs_actual(actual: np.ndarray, predicted: np.ndarray, title: str, path: Path | str) -> Path:
+    """Log-log scatter of predicted vs actual prices with the y=x line and the SMAPE."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    a = np.asarray(actual, dtype=float)
+    f = np.asarray(predicted, dtype=float)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    ax.scatter(a, f, s=6, alpha=0.35, edgecolors="none")
+    lo = max(min(a.min(), f.min()), 1e-2)
+    hi = max(a.max(), f.max())
+    ax.plot([lo, hi], [lo, hi], color="crimson", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("actual price")
+    ax.set_ylabel("predicted price")
+    ax.set_title(f"{title}  (SMAPE {smape(a, f):.2f}%, n={a.size})")
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def learning_curves(
+    histories: Mapping[str, Mapping[str, Sequence[float]]], path: Path | str
+) -> Path:
+    """One line per fold and series (e.g. {"fold_0": {"train_loss": [...], "val_smape": [...]}})."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    series = sorted({name for h in histories.values() for name in h})
+    fig, axes = plt.subplots(1, max(len(series), 1), figsize=(5 * max(len(series), 1), 4), dpi=110)
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, series, strict=False):
+        for fold, history in sorted(histories.items()):
+            if name in history:
+                ax.plot(range(1, len(history[name]) + 1), history[name], label=fold)
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.2)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def feature_importance(
+    names: Sequence[str], values: Sequence[float], title: str, path: Path | str, top: int = 25
+) -> Path:
+    """Horizontal bar chart of the top features."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    order = np.argsort(np.asarray(values, dtype=float))[::-1][:top][::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.28 * len(order) + 1.2), dpi=110)
+    ax.barh([names[i] for i in order], [float(values[i]) for i in order])
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

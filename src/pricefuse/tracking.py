@@ -1,0 +1,150 @@
+"""MLflow conventions and output lineage, in one place.
+
+Every stage run: experiment from params, run name = stage, tags `stage`, `git_commit`,
+`git_dirty`, `data_md5` and `upstream.<dir>` run ids; params flattened with dotted keys. Every
+output directory gets a `meta.json` naming the run that wrote it, which is how a downstream run
+finds (and tags) the upstream runs it consumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pricefuse.config import Params, flatten
+
+META_FILE = "meta.json"
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI when set, else sqlite:///<root>/mlflow.db (root = working dir)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    root = (root or Path.cwd()).resolve()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def configure(experiment: str, root: Path | None = None) -> str:
+    """Point MLflow at the project store and experiment; returns the tracking URI."""
+    import mlflow
+
+    uri = default_tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifacts = ((root or Path.cwd()).resolve() / "mlruns").as_uri()
+        try:
+            mlflow.create_experiment(experiment, artifact_location=artifacts)
+        except Exception:  # created concurrently by another process: fine
+            if mlflow.get_experiment_by_name(experiment) is None:
+                raise
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def git_state(root: Path | None = None) -> tuple[str, bool]:
+    """(commit sha or 'unknown', dirty?) of the working tree."""
+    cwd = str(root or Path.cwd())
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return sha, bool(status)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def files_md5(paths: Iterable[Path | str]) -> str:
+    """One md5 over the bytes of the given files (missing files hash as their name)."""
+    digest = hashlib.md5()
+    for path in paths:
+        path = Path(path)
+        digest.update(str(path.name).encode())
+        if path.is_file():
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_meta(out_dir: Path | str, stage: str, run_id: str | None, **extra: Any) -> Path:
+    """Record which run produced an output directory (plus stage-specific facts)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / META_FILE
+    payload = {"stage": stage, "run_id": run_id, **extra}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def read_meta(out_dir: Path | str) -> dict[str, Any]:
+    path = Path(out_dir) / META_FILE
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def upstream_tags(dirs: Iterable[Path | str]) -> dict[str, str]:
+    """`upstream.<stage>` -> run id for each upstream output directory that records one."""
+    tags: dict[str, str] = {}
+    for directory in dirs:
+        meta = read_meta(directory)
+        if meta.get("run_id"):
+            tags[f"upstream.{meta.get('stage', Path(directory).name)}"] = str(meta["run_id"])
+    return tags
+
+
+def _truncate(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 6000 else text[:5997] + "..."
+
+
+@contextmanager
+def stage_run(
+    stage: str,
+    params: Params,
+    upstream: Iterable[Path | str] = (),
+    data_files: Iterable[Path | str] = (),
+) -> Iterator[Any]:
+    """Start (or join, under `mlflow run`) the MLflow run of one stage with the standard tags."""
+    import mlflow
+
+    configure(params.mlflow.experiment)
+    sha, dirty = git_state()
+    tags = {
+        "stage": stage,
+        "git_commit": sha,
+        "git_dirty": str(dirty).lower(),
+        "data_md5": files_md5(data_files),
+        **upstream_tags(upstream),
+    }
+    # Under `mlflow run` MLFLOW_RUN_ID is set and start_run() joins that run.
+    with mlflow.start_run(run_name=stage) as run:
+        mlflow.set_tags(tags)
+        if os.environ.get("MLFLOW_RUN_ID"):
+            mlflow.set_tag("mlflow.runName", stage)
+        flat = {k: _truncate(v) for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for start in range(0, len(items), 90):
+            mlflow.log_params(dict(items[start : start + 90]))
+        yield run
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    mlflow.log_metrics(clean, step=step)
