@@ -99,6 +99,25 @@ def demo_data(params_path: Path, overrides: tuple[str, ...], out_dir: Path | Non
     click.echo(summary)
 
 
+@main.command("pipeline")
+@click.argument("dvc_args", nargs=-1, type=click.UNPROCESSED)
+def pipeline(dvc_args: tuple[str, ...]) -> None:
+    """Run `dvc repro` (the MLproject `main` entry point).
+
+    Under `mlflow run` the stages become child runs of that run instead of all writing into it.
+    """
+    import os
+    import subprocess
+
+    from pricefuse.tracking import PARENT_RUN_ENV
+
+    env = dict(os.environ)
+    parent = env.pop("MLFLOW_RUN_ID", None)
+    if parent:
+        env[PARENT_RUN_ENV] = parent
+    sys.exit(subprocess.call(["dvc", "repro", *dvc_args], env=env))
+
+
 @main.command("evaluate")
 @_params_options
 def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:

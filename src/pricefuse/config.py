@@ -94,6 +94,7 @@ class FusionConfig:
     dropout: float = 0.15
     unit_dim: int = 32
     patience: int = 8
+    loss: str = "huber"
 
 
 @dataclass(frozen=True)

@@ -62,17 +62,24 @@ def learning_curves(
     return path
 
 
-def feature_importance(
-    names: Sequence[str], values: Sequence[float], title: str, path: Path | str, top: int = 25
-) -> Path:
-    """Horizontal bar chart of the top features."""
+def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, path: Path | str) -> Path:
+    """Horizontal bars in the given order, each labelled with its value."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    order = np.argsort(np.asarray(values, dtype=float))[::-1][:top][::-1]
-    fig, ax = plt.subplots(figsize=(6, 0.28 * len(order) + 1.2), dpi=110)
-    ax.barh([names[i] for i in order], [float(values[i]) for i in order])
+    fig, ax = plt.subplots(figsize=(6.5, 0.32 * len(labels) + 1.2), dpi=110)
+    bars = ax.barh(list(labels), [float(v) for v in values])
+    ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+    ax.invert_yaxis()
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def feature_importance(
+    names: Sequence[str], values: Sequence[float], title: str, path: Path | str, top: int = 25
+) -> Path:
+    """The top features by importance, largest first."""
+    order = np.argsort(np.asarray(values, dtype=float))[::-1][:top]
+    return bar_chart([names[i] for i in order], [float(values[i]) for i in order], title, path)

@@ -20,6 +20,9 @@ from typing import Any
 from pricefuse.config import Params, flatten
 
 META_FILE = "meta.json"
+METRICS_DIR = Path("metrics")
+# Set by `pricefuse pipeline` under `mlflow run`: stage runs become children of that run.
+PARENT_RUN_ENV = "PRICEFUSE_PARENT_RUN_ID"
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
@@ -132,6 +135,9 @@ def stage_run(
         **upstream_tags(upstream),
     }
     # Under `mlflow run` MLFLOW_RUN_ID is set and start_run() joins that run.
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
     with mlflow.start_run(run_name=stage) as run:
         mlflow.set_tags(tags)
         if os.environ.get("MLFLOW_RUN_ID"):
@@ -141,6 +147,20 @@ def stage_run(
         for start in range(0, len(items), 90):
             mlflow.log_params(dict(items[start : start + 90]))
         yield run
+        write_metrics_file(stage, run.info.run_id)
+
+
+def write_metrics_file(stage: str, run_id: str) -> Path:
+    """Mirror the run's latest metrics to metrics/<stage>.json, which DVC tracks as metrics
+    (so `dvc metrics diff` compares experiments without opening MLflow)."""
+    import mlflow
+
+    metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
+    METRICS_DIR.mkdir(parents=True, exist_ok=True)
+    path = METRICS_DIR / f"{stage}.json"
+    payload = {key: round(float(value), 6) for key, value in sorted(metrics.items())}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -1,0 +1,52 @@
+# Two commands matter: `make demo` (set up + run the whole pipeline on generated demo data)
+# and `make test` (set up + run the test suite). Everything installs from requirements.lock.
+SHELL := /bin/bash
+PYENV_PY := $(shell command -v pyenv >/dev/null 2>&1 && echo "$$(pyenv root)/versions/3.11.7/bin/python")
+PYTHON ?= $(if $(wildcard $(PYENV_PY)),$(PYENV_PY),python3.11)
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN := PATH="$(abspath $(BIN)):$$PATH"
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export OMP_WAIT_POLICY := PASSIVE
+
+.PHONY: setup demo test lint format lock serve clean
+
+$(BIN)/.installed: requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup  ## generate demo data, run all seven stages, register the ensemble
+	$(RUN) pricefuse demo-data
+	$(RUN) dvc repro
+	$(RUN) pricefuse evaluate
+
+test: setup  ## the whole test suite (what .ci/run calls)
+	$(RUN) pytest
+
+lint: setup
+	$(RUN) ruff check src tests benchmarks tools
+	$(RUN) ruff format --check src tests benchmarks tools
+
+format: setup
+	$(RUN) ruff check --fix src tests benchmarks tools
+	$(RUN) ruff format src tests benchmarks tools
+
+lock:  ## re-resolve requirements.txt into requirements.lock and conda.yaml (fresh venv)
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q -r requirements.txt
+	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^pricefuse' > requirements.lock
+	rm -rf .lock-venv
+	$(PYTHON) tools/conda_env.py requirements.lock > conda.yaml
+
+serve: setup  ## serve the registered ensemble on port 5001 (current environment)
+	$(RUN) mlflow models serve -m models:/price-ensemble/latest --env-manager local -p 5001
+
+clean:
+	rm -rf data/images data/interim data/features data/models data/submissions mlflow.db mlruns

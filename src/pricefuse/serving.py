@@ -1,0 +1,205 @@
+"""The registered model: raw product rows in, prices out.
+
+One pyfunc wraps the whole inference path the pipeline trained — parsing, text and image
+encoders, the fusion head, the boosters, the log-space blend and the nearest-neighbour
+correction — so `mlflow models serve` and `pricefuse predict` answer exactly what `submit` wrote.
+Rows without a usable image (no link, broken link, corrupt bytes) take the text-only path, as in
+training. A row that cannot be priced at all (no catalog_content) is an error naming the row,
+never a silent NaN.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+INPUT_TEXT = "catalog_content"
+INPUT_IMAGE_LINK = "image_link"
+INPUT_IMAGE_B64 = "image_b64"
+INPUT_ID = "sample_id"
+
+# Artifact keys inside the logged model.
+ART_FUSION = "fusion"
+ART_GBDT = "gbdt"
+ART_ENSEMBLE = "ensemble"
+ART_PARAMS = "params"
+
+
+class InvalidInputError(ValueError):
+    """Input rows the model cannot price; the message names the rows and the problem."""
+
+
+def validate_input(frame: pd.DataFrame) -> pd.DataFrame:
+    """Check the serving input and return a normalised copy (strings, no NaN in text)."""
+    if not isinstance(frame, pd.DataFrame):
+        raise InvalidInputError(f"expected a DataFrame of product rows, got {type(frame).__name__}")
+    if INPUT_TEXT not in frame.columns:
+        raise InvalidInputError(
+            f"missing required column {INPUT_TEXT!r}; got columns {list(frame.columns)}"
+        )
+    if frame.empty:
+        raise InvalidInputError("no rows to price")
+    out = frame.reset_index(drop=True).copy()
+    text = out[INPUT_TEXT]
+    bad = [i for i, value in enumerate(text) if not isinstance(value, str) or not value.strip()]
+    if bad:
+        shown = ", ".join(str(i) for i in bad[:10])
+        raise InvalidInputError(
+            f"{len(bad)} row(s) have an empty or non-text {INPUT_TEXT!r} (row index {shown})"
+        )
+    for column in (INPUT_IMAGE_LINK, INPUT_IMAGE_B64):
+        if column in out.columns:
+            out[column] = [v if isinstance(v, str) and v.strip() else None for v in out[column]]
+        else:
+            out[column] = None
+    return out
+
+
+class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: DataFrame of raw product rows -> DataFrame with `price` (and sample_id)."""
+
+    def load_context(self, context: Any) -> None:
+        self._load(context.artifacts)
+
+    def _load(self, artifacts: dict[str, str]) -> None:
+        from pricefuse import compat
+
+        compat.apply()
+        from pricefuse.config import params_from_dict
+        from pricefuse.features.image import ImageEncoder
+        from pricefuse.features.text import TextEncoder
+        from pricefuse.models.ensemble import EnsembleState
+        from pricefuse.models.gbdt import GbdtPredictor
+        from pricefuse.models.train import FusionPredictor
+
+        raw = json.loads(Path(artifacts[ART_PARAMS]).read_text())
+        self.params = params_from_dict(raw)
+        embed = self.params.embed
+        self.text_encoder = TextEncoder.from_ref(
+            embed.text_model, embed.text_max_length, embed.text_batch_size
+        )
+        self.image_encoder = ImageEncoder.from_ref(
+            embed.image_model, embed.image_size, embed.image_batch_size
+        )
+        self.fusion = FusionPredictor.load(artifacts[ART_FUSION])
+        self.gbdt = GbdtPredictor.load(artifacts[ART_GBDT])
+        self.state, self.knn_keys, self.knn_values = EnsembleState.load(artifacts[ART_ENSEMBLE])
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            rows = validate_input(model_input)
+        except InvalidInputError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        prices = self.predict_prices(rows)
+        out = pd.DataFrame({"price": prices})
+        if INPUT_ID in rows.columns:
+            out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
+        return out
+
+    def predict_prices(self, rows: pd.DataFrame) -> np.ndarray:
+        """Prices for validated rows (see `validate_input`)."""
+        from pricefuse.data.catalog import parse_frame
+        from pricefuse.data.images import load_image_source
+        from pricefuse.models.ensemble import to_price
+
+        parsed, _report = parse_frame(rows)
+        parsed["has_image"] = False
+        images = [
+            load_image_source(link=link, b64=b64, cfg=self.params.fetch)
+            for link, b64 in zip(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], strict=True)
+        ]
+        text_emb = self.text_encoder.encode(list(parsed["text"]))
+        image_emb, mask = self.image_encoder.encode(images)
+        parsed["has_image"] = mask
+        members = self.member_predictions(parsed, text_emb, image_emb, mask)
+        log_pred = self.state.predict_log(members, text_emb, self.knn_keys, self.knn_values)
+        return to_price(log_pred)
+
+    def member_predictions(
+        self, parsed: pd.DataFrame, text_emb: np.ndarray, image_emb: np.ndarray, mask: np.ndarray
+    ) -> np.ndarray:
+        """Member log predictions as columns, in the order the blend weights expect."""
+        by_name = {"fusion": self.fusion.predict(parsed, text_emb, image_emb, mask)}
+        by_name.update(self.gbdt.predict(parsed, text_emb, image_emb, mask))
+        return np.column_stack([by_name[name] for name in self.state.blend.members])
+
+
+def model_signature() -> Any:
+    """Input: catalog_content (required); image_link, image_b64, sample_id (optional).
+
+    Output: price (and the sample_id echoed when given).
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    inputs = Schema(
+        [
+            ColSpec("string", INPUT_TEXT),
+            ColSpec("string", INPUT_IMAGE_LINK, required=False),
+            ColSpec("string", INPUT_IMAGE_B64, required=False),
+            ColSpec("long", INPUT_ID, required=False),
+        ]
+    )
+    outputs = Schema([ColSpec("double", "price")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[str, Any]:
+    """Log the pyfunc (inside the active run) and register it when params say so.
+
+    Artifacts are the trained members' directories and the params snapshot; encoders are
+    referenced (`pkg:`/`hf:` refs resolve wherever the pinned requirements are installed), and the
+    pricefuse source travels with the model as code so the model loads without this checkout.
+    """
+    import dataclasses
+    import tempfile
+
+    import pricefuse
+
+    with tempfile.TemporaryDirectory() as tmp:
+        params_path = Path(tmp) / "params.json"
+        params_path.write_text(json.dumps(dataclasses.asdict(params), indent=2))
+        artifacts = {
+            ART_FUSION: str(layout.model_dir("fusion")),
+            ART_GBDT: str(layout.model_dir("gbdt")),
+            ART_ENSEMBLE: str(layout.model_dir("ensemble")),
+            ART_PARAMS: str(params_path),
+        }
+        lock = Path("requirements.lock")
+        registered = params.mlflow.registered_model if params.ensemble.register else None
+        info = mlflow.pyfunc.log_model(
+            name="price_model",
+            python_model=PriceEnsembleModel(),
+            artifacts=artifacts,
+            code_paths=[str(Path(pricefuse.__file__).parent)],
+            signature=model_signature(),
+            input_example=test_rows,
+            pip_requirements=_requirements(lock) if lock.exists() else None,
+            registered_model_name=registered,
+        )
+    result: dict[str, Any] = {"model_uri": info.model_uri}
+    if registered:
+        result["registered_model"] = registered
+        result["registered_version"] = info.registered_model_version
+    return result
+
+
+def _requirements(lock: Path) -> list[str]:
+    """The pinned lock minus comments and local/editable entries (pricefuse ships as code)."""
+    lines = []
+    for line in lock.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", "-e", "--")) or "pricefuse" in line:
+            continue
+        lines.append(line)
+    return lines
