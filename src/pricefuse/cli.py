@@ -118,6 +118,22 @@ def pipeline(dvc_args: tuple[str, ...]) -> None:
     sys.exit(subprocess.call(["dvc", "repro", *dvc_args], env=env))
 
 
+@main.command("check-raw")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+def check_raw(paths: tuple[Path, ...]) -> None:
+    """Check official train.csv/test.csv copies against their published size and sha256."""
+    from pricefuse.data.official import check_official
+
+    paths = paths or (Path("data/raw/train.csv"), Path("data/raw/test.csv"))
+    problems = [p for p in (check_official(path) for path in paths) if p]
+    for path in paths:
+        if not any(str(path) in p for p in problems):
+            click.echo(f"ok: {path} is the official {path.name}")
+    for problem in problems:
+        click.echo(f"error: {problem}", err=True)
+    sys.exit(1 if problems else 0)
+
+
 @main.command("evaluate")
 @_params_options
 def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:

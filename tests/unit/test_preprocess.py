@@ -1,0 +1,129 @@
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pricefuse.config import params_from_dict
+from pricefuse.data.catalog import PARSED_COLUMNS
+from pricefuse.data.demo import generate_demo
+from pricefuse.errors import StageError
+from pricefuse.layout import MANIFEST_COLUMNS, Layout
+from pricefuse.stages import preprocess
+
+DEMO = {"n_train": 120, "n_test": 30, "image_size": 40, "missing_image_rate": 0.1}
+BAD_PRICES = {0: "", 1: "abc", 2: "inf", 3: "0.001", 4: "nan"}
+
+
+def _params(**sections):
+    return params_from_dict({"demo": DEMO, "preprocess": {"n_folds": 3}, **sections})
+
+
+def _write_manifest(layout: Layout, links: list[str]) -> dict[str, str]:
+    """A manifest as fetch_images writes it: the first links ok, one stale, one bad."""
+    usable = [link for link in links if link and Path(link).is_file()]
+    ok, stale, bad = usable[:40], usable[40], usable[41]
+    layout.images_dir.mkdir(parents=True, exist_ok=True)
+    with layout.manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for link in ok:
+            writer.writerow([link, link, "ok", 100, 1, ""])
+        writer.writerow([stale, "data/images/files/gone.jpg", "cached", 100, 1, ""])
+        writer.writerow([bad, "", "bad", 10, 1, "not an image"])
+    return {link: link for link in ok}
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory with demo CSVs; a few train prices broken on purpose."""
+    monkeypatch.chdir(tmp_path)
+    params = _params()
+    generate_demo(params.demo, seed=params.seed)
+    train_csv = Path(params.data.train_csv)
+    train = pd.read_csv(train_csv, dtype={"price": str}, keep_default_na=False)
+    for row, value in BAD_PRICES.items():
+        train.loc[row, "price"] = value
+    train.to_csv(train_csv, index=False)
+    return tmp_path
+
+
+def test_preprocess_writes_parsed_tables_and_logs(project: Path) -> None:
+    params = _params()
+    layout = Layout(params.data)
+    raw_train = pd.read_csv(params.data.train_csv, keep_default_na=False)
+    cached = _write_manifest(layout, raw_train["image_link"].tolist())
+
+    preprocess.run(params)
+
+    train = pd.read_parquet(layout.parsed("train"))
+    test = pd.read_parquet(layout.parsed("test"))
+    contract = {*PARSED_COLUMNS, "sample_id", "image_link", "image_path", "has_image", "fold"}
+    assert contract <= set(test.columns)
+    assert contract | {"price", "log_price"} <= set(train.columns)
+    assert len(train) == DEMO["n_train"] - len(BAD_PRICES)
+    assert len(test) == DEMO["n_test"]
+    kept_ids = raw_train["sample_id"].drop(index=list(BAD_PRICES)).tolist()
+    assert train["sample_id"].tolist() == kept_ids  # raw order minus dropped rows
+    assert np.allclose(train["log_price"], np.log1p(train["price"]))
+    assert set(train["fold"]) == {0, 1, 2}
+    assert (test["fold"] == -1).all()
+    assert train.groupby("item_name")["fold"].nunique().max() == 1
+    expected_paths = train["image_link"].map(lambda link: cached.get(link, ""))
+    assert train["image_path"].tolist() == expected_paths.tolist()
+    assert train["has_image"].tolist() == (expected_paths != "").tolist()
+    assert train["has_image"].any() and not train["has_image"].all()
+    assert isinstance(train["bullets"].iloc[0], list | np.ndarray)
+
+    meta = json.loads((layout.interim_dir / "meta.json").read_text())
+    assert meta["stage"] == "preprocess" and meta["image_manifest"] is True
+    run = mlflow.get_run(meta["run_id"])
+    metrics = run.data.metrics
+    assert metrics["dropped_price_missing"] == 2  # "" and "nan"
+    assert metrics["dropped_price_not_numeric"] == 1
+    assert metrics["dropped_price_not_finite"] == 1
+    assert metrics["dropped_price_below_min"] == 1
+    assert metrics["dropped_total"] == 5
+    assert metrics["rows_in_train"] == DEMO["n_train"]
+    assert metrics["rows_out_train"] == len(train)
+    assert metrics["unit_coverage_train"] == 1.0
+    assert metrics["images_train_manifest_files_absent"] == 1
+    assert "train_parse_value_missing" in metrics
+    assert run.data.tags["stage"] == "preprocess"
+    table = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/preprocess/unit_distribution.csv")
+    assert table.startswith("unit_raw,unit,rows,share,split")
+
+
+def test_without_manifest_no_row_has_an_image(project: Path, capsys) -> None:
+    params = _params()
+    preprocess.run(params)
+    assert "no image manifest" in capsys.readouterr().out
+    train = pd.read_parquet(Layout(params.data).parsed("train"))
+    assert not train["has_image"].any()
+    assert (train["image_path"] == "").all()
+
+
+def test_missing_csv_is_a_stage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StageError, match=r"train CSV .* not found"):
+        preprocess.run(_params())
+
+
+def test_missing_columns_and_duplicate_ids_are_stage_errors(project: Path) -> None:
+    params = _params()
+    test = pd.read_csv(params.data.test_csv, keep_default_na=False)
+    test.drop(columns=["catalog_content"]).to_csv(params.data.test_csv, index=False)
+    with pytest.raises(StageError, match=r"lacks column.*catalog_content"):
+        preprocess.run(params)
+    test.assign(sample_id=test["sample_id"].iloc[0]).to_csv(params.data.test_csv, index=False)
+    with pytest.raises(StageError, match="repeats sample_id"):
+        preprocess.run(params)
+
+
+@pytest.mark.parametrize("n_folds", [1, 500])
+def test_fold_count_is_checked_before_any_work(project: Path, n_folds: int) -> None:
+    with pytest.raises(StageError, match=r"preprocess\.n_folds"):
+        preprocess.run(_params(preprocess={"n_folds": n_folds}))
