@@ -1,0 +1,6 @@
+"""Features computed from parsed rows: text and image encoders (`text`, `image`, which import
+torch, so they are not imported here) and the row-order hash that ties arrays to tables."""
+
+from pricefuse.features.rows import row_hash
+
+__all__ = ["row_hash"]

