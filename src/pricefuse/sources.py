@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".gguf")
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.safetensors", "*.pth", "*.bin", "*/*.json"]
 
 
 class ModelSourceError(RuntimeError):
@@ -69,7 +70,8 @@ def _from_hub(repo_id: str) -> Path:
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
         raise ModelSourceError("hf: references need huggingface_hub installed") from exc
     try:
-        return Path(snapshot_download(repo_id))
+        # Weights in the formats pricefuse loads, plus configs/tokenizers; not TF/Flax/ONNX copies.
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except Exception as exc:
         raise ModelSourceError(
             f"could not fetch hf:{repo_id} from the Hugging Face hub ({type(exc).__name__}: "
