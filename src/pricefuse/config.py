@@ -125,6 +125,7 @@ class GbdtConfig:
     n_estimators: int = 600
     learning_rate: float = 0.05
     early_stopping_rounds: int = 50
+    max_bin: int = 63  # histogram bins per feature (CatBoost: border_count); fewer = faster
     lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
     xgboost: XGBoostConfig = field(default_factory=XGBoostConfig)
     catboost: CatBoostConfig = field(default_factory=CatBoostConfig)

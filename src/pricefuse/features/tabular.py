@@ -1,0 +1,282 @@
+"""Tabular features for the gradient-boosted trees: parsed fields, derived quantities, name
+tokens, keyword flags, categorical codes, and PCA-compressed text and image embeddings.
+
+Why a feature set of its own: trees are good at the sharp interactions between quantity, unit and
+pack count that the fusion network smooths over, but they cannot use a 384-d embedding well on a
+few tens of thousands of rows. PCA keeps most of the embedding signal at a size trees handle; the
+explicit parsed fields carry the rest.
+
+Everything fitted here (category vocabularies, PCA bases) is fitted on train rows only and is
+deterministic given the seed, so OOF, test and served predictions see the same features.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Self
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from pricefuse import compat
+
+if TYPE_CHECKING:
+    from sklearn.decomposition import PCA
+
+# scikit-learn loads libgomp, which reads OMP_WAIT_POLICY once and shares itself with the
+# boosters loaded later; so the default is set before sklearn is first imported (lazily, below).
+compat.apply_env_defaults()
+
+# Parsed columns used as they are (numbers and 0/1 flags).
+NUMERIC_COLUMNS = (
+    "value",
+    "quantity",
+    "log_quantity",
+    "pack",
+    "n_bullets",
+    "text_len",
+    "value_missing",
+    "unit_missing",
+)
+# Parsed string columns encoded as integer codes over a vocabulary fitted on train.
+CATEGORICAL_COLUMNS = ("unit", "quantity_kind")
+REQUIRED_COLUMNS = ("item_name", *NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS)
+
+# Words in the item name that move prices: quality tiers, multi-item offers, bulk and refills.
+KEYWORDS: dict[str, str] = {
+    "organic": r"\borganic\b",
+    "premium": r"\b(?:premium|gourmet|luxury|artisan)\b",
+    "pack": r"\b(?:packs?|pk|multipack)\b",
+    "set": r"\bsets?\b",
+    "kit": r"\bkits?\b",
+    "bundle": r"\b(?:bundles?|variety|assorted|assortment)\b",
+    "bulk": r"\b(?:bulk|case|wholesale|value size|family size)\b",
+    "gift": r"\bgifts?\b",
+    "refill": r"\brefills?\b",
+    "sample": r"\b(?:samples?|trial|travel size|mini)\b",
+    "sugar_free": r"\b(?:sugar|gluten)[- ]free\b",
+}
+_KEYWORD_PATTERNS = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in KEYWORDS.items()}
+# "1,000", "12", "1.5": thousands separators are dropped before parsing.
+_NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Per-row embedding arrays aligned with a parsed table (row i belongs to row i).
+
+    `image_mask[i]` is False where the row has no usable image; its `image` row is meaningless.
+    """
+
+    text: np.ndarray
+    image: np.ndarray
+    image_mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.text)
+        if len(self.image) != n or len(self.image_mask) != n:
+            raise ValueError(
+                f"embedding rows differ: text {len(self.text)}, image {len(self.image)}, "
+                f"image_mask {len(self.image_mask)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+
+@dataclass(frozen=True)
+class FeatureMatrix:
+    """Rows x features as float32 with NaN for missing, plus what the boosters need to know.
+
+    Columns listed in `categorical` hold non-negative integer codes (NaN = unknown category), so
+    each booster can declare them as categorical in its own way.
+    """
+
+    values: np.ndarray
+    names: tuple[str, ...]
+    categorical: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != 2 or self.values.shape[1] != len(self.names):
+            raise ValueError(f"values {self.values.shape} do not match {len(self.names)} names")
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def take(self, rows: np.ndarray) -> FeatureMatrix:
+        """The same features for a subset of rows (an index or boolean mask)."""
+        return FeatureMatrix(self.values[rows], self.names, self.categorical)
+
+    def frame(self) -> pd.DataFrame:
+        """As a DataFrame (for inspection and for boosters that prefer named columns)."""
+        return pd.DataFrame(self.values, columns=list(self.names))
+
+
+def _fit_pca(rows: np.ndarray, n_components: int, seed: int) -> PCA | None:
+    """PCA with as many components as the data allows; None when it allows none."""
+    from sklearn.decomposition import PCA
+
+    k = min(n_components, rows.shape[0], rows.shape[1]) if rows.ndim == 2 else 0
+    if k < 1 or rows.shape[0] < 2:
+        return None
+    return PCA(n_components=k, random_state=seed).fit(rows.astype(np.float64))
+
+
+def _pca_width(pca: PCA | None) -> int:
+    return 0 if pca is None else int(pca.n_components_)
+
+
+class EmbeddingCompressor:
+    """PCA of the text and image embeddings down to a few components each.
+
+    Why the image PCA sees only rows with an image: rows without one carry a zero placeholder
+    vector that would dominate the first component; their image components are NaN instead, which
+    every booster treats as "missing" and routes on its own.
+    """
+
+    def __init__(self, text_components: int, image_components: int, seed: int) -> None:
+        self.text_components = text_components
+        self.image_components = image_components
+        self.seed = seed
+        self.text_pca: PCA | None = None
+        self.image_pca: PCA | None = None
+
+    def fit(self, emb: Embeddings) -> Self:
+        mask = np.asarray(emb.image_mask, dtype=bool)
+        self.text_pca = _fit_pca(np.asarray(emb.text), self.text_components, self.seed)
+        self.image_pca = _fit_pca(np.asarray(emb.image)[mask], self.image_components, self.seed)
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        text = tuple(f"text_pc{i}" for i in range(_pca_width(self.text_pca)))
+        image = tuple(f"image_pc{i}" for i in range(_pca_width(self.image_pca)))
+        return text + image
+
+    def transform(self, emb: Embeddings) -> np.ndarray:
+        n = len(emb)
+        parts = [np.empty((n, 0), dtype=np.float32)]
+        if self.text_pca is not None:
+            parts.append(self.text_pca.transform(np.asarray(emb.text, dtype=np.float64)))
+        if self.image_pca is not None:
+            mask = np.asarray(emb.image_mask, dtype=bool)
+            image = np.full((n, _pca_width(self.image_pca)), np.nan)
+            if mask.any():
+                image[mask] = self.image_pca.transform(np.asarray(emb.image, np.float64)[mask])
+            parts.append(image)
+        return np.hstack(parts).astype(np.float32)
+
+
+def _name_numbers(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(largest number, how many numbers) in each item name: sizes and counts hide there."""
+    largest = np.full(len(names), np.nan)
+    counts = np.zeros(len(names))
+    for i, name in enumerate(names):
+        numbers = [float(tok.replace(",", "")) for tok in _NUMBER.findall(name)]
+        counts[i] = len(numbers)
+        if numbers:
+            largest[i] = max(numbers)
+    return largest, counts
+
+
+def _safe_log1p(x: np.ndarray) -> np.ndarray:
+    return np.log1p(np.clip(x, 0.0, None))
+
+
+def parsed_features(parsed: pd.DataFrame) -> pd.DataFrame:
+    """Numeric features from the parsed table alone (no fitted state), one column per feature.
+
+    Why both per-pack and total quantity: the catalog's Value is sometimes the pack total and
+    sometimes per item, so the trees get both readings and pick by context.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in parsed.columns]
+    if missing:
+        raise ValueError(f"parsed table lacks column(s) {', '.join(missing)}")
+    out = pd.DataFrame(
+        {c: pd.to_numeric(parsed[c], errors="coerce").astype(float) for c in NUMERIC_COLUMNS},
+        index=parsed.index,
+    )
+    pack = out["pack"].clip(lower=1.0)
+    out["log_value"] = _safe_log1p(out["value"].to_numpy())
+    out["log_quantity_per_pack"] = _safe_log1p((out["quantity"] / pack).to_numpy())
+    out["log_quantity_times_pack"] = _safe_log1p((out["quantity"] * pack).to_numpy())
+    names = parsed["item_name"].fillna("").astype(str).tolist()
+    largest, counts = _name_numbers(names)
+    out["name_log_max_number"] = _safe_log1p(largest)
+    out["name_n_numbers"] = counts
+    out["name_len"] = [float(len(name)) for name in names]
+    out["name_words"] = [float(len(name.split())) for name in names]
+    for key, pattern in _KEYWORD_PATTERNS.items():
+        out[f"kw_{key}"] = [float(bool(pattern.search(name))) for name in names]
+    return out
+
+
+def _categorical_codes(values: pd.Series, vocabulary: tuple[str, ...]) -> np.ndarray:
+    """Index of each value in the vocabulary; NaN for values never seen in train (or missing)."""
+    lookup = {v: float(i) for i, v in enumerate(vocabulary)}
+    return np.array([lookup.get(v, np.nan) for v in values.astype(object)], dtype=np.float64)
+
+
+class TabularFeaturizer:
+    """Parsed table + embeddings -> FeatureMatrix, with every fitted part fitted on train.
+
+    The column layout is fixed at fit time: parsed features, then categorical codes, then
+    `has_image` (from the embedding mask, which is what the image features actually reflect),
+    then PCA components. An unknown unit at predict time becomes a missing category code rather
+    than an error, so the served model degrades gracefully on new spellings.
+    """
+
+    def __init__(self, text_components: int, image_components: int, seed: int) -> None:
+        self.compressor = EmbeddingCompressor(text_components, image_components, seed)
+        self.vocabulary: dict[str, tuple[str, ...]] = {}
+        self.names: tuple[str, ...] = ()
+
+    @property
+    def categorical(self) -> tuple[int, ...]:
+        return tuple(self.names.index(c) for c in CATEGORICAL_COLUMNS)
+
+    def fit(self, parsed: pd.DataFrame, emb: Embeddings) -> Self:
+        _check_rows(parsed, emb)
+        self.vocabulary = {
+            c: tuple(sorted(parsed[c].dropna().astype(str).unique())) for c in CATEGORICAL_COLUMNS
+        }
+        self.compressor.fit(emb)
+        base = tuple(parsed_features(parsed.iloc[:0]).columns)
+        self.names = (*base, *CATEGORICAL_COLUMNS, "has_image", *self.compressor.names)
+        return self
+
+    def transform(self, parsed: pd.DataFrame, emb: Embeddings) -> FeatureMatrix:
+        if not self.names:
+            raise RuntimeError("TabularFeaturizer.transform called before fit")
+        _check_rows(parsed, emb)
+        base = parsed_features(parsed).to_numpy(dtype=np.float64)
+        codes = [_categorical_codes(parsed[c], self.vocabulary[c]) for c in CATEGORICAL_COLUMNS]
+        has_image = np.asarray(emb.image_mask, dtype=np.float64)
+        values = np.column_stack([base, *codes, has_image]).astype(np.float32)
+        values = np.hstack([values, self.compressor.transform(emb)])
+        return FeatureMatrix(values, self.names, self.categorical)
+
+    def save(self, path: Path | str) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        joblib.dump(self, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path | str) -> TabularFeaturizer:
+        obj = joblib.load(Path(path))
+        if not isinstance(obj, cls):
+            raise TypeError(f"{path} holds a {type(obj).__name__}, not a {cls.__name__}")
+        return obj
+
+
+def _check_rows(parsed: pd.DataFrame, emb: Embeddings) -> None:
+    if len(parsed) != len(emb):
+        raise ValueError(
+            f"parsed table has {len(parsed)} rows but the embeddings have {len(emb)}; "
+            "they must be aligned row by row"
+        )

@@ -1,0 +1,145 @@
+"""The three boosters behind one interface: they learn, are seeded, and round-trip through disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_tabular import embeddings, parsed_frame
+
+from pricefuse.config import GbdtConfig, params_from_dict
+from pricefuse.features.tabular import FeatureMatrix, TabularFeaturizer
+from pricefuse.metrics import smape_from_log
+from pricefuse.models.gbdt import (
+    BOOSTERS,
+    FitOptions,
+    GbdtPredictor,
+    booster_class,
+    fit_gbdt,
+    train_kfold_boosters,
+)
+
+N = 400
+
+
+def small_config(**overrides: object) -> GbdtConfig:
+    gbdt = {
+        "n_estimators": 200,
+        "learning_rate": 0.15,
+        "early_stopping_rounds": 20,
+        "max_bin": 63,
+        "text_pca": 3,
+        "image_pca": 2,
+        **overrides,
+    }
+    return params_from_dict({"gbdt": gbdt}).gbdt
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[FeatureMatrix, np.ndarray, np.ndarray]:
+    frame, emb = parsed_frame(N), embeddings(N)
+    x = TabularFeaturizer(3, 2, seed=0).fit(frame, emb).transform(frame, emb)
+    return x, frame["log_price"].to_numpy(), frame["fold"].to_numpy()
+
+
+def fit_one(name: str, x: FeatureMatrix, y: np.ndarray, held: np.ndarray, seed: int = 0):
+    options = FitOptions(small_config(), seed=seed, n_jobs=2)
+    return booster_class(name)().fit(x.take(~held), y[~held], x.take(held), y[held], options)
+
+
+@pytest.mark.parametrize("name", sorted(BOOSTERS))
+def test_booster_beats_the_median_and_round_trips(name: str, data, tmp_path: Path) -> None:
+    x, y, folds = data
+    held = folds == 0
+    model = fit_one(name, x, y, held)
+    predicted = model.predict(x.take(held))
+    baseline = smape_from_log(y[held], np.full(held.sum(), np.median(y[~held])))
+    assert smape_from_log(y[held], predicted) < 0.5 * baseline
+    assert 0 < model.best_iteration <= 200
+
+    importance = model.feature_importance()
+    assert importance.shape == (len(x.names),)
+    assert importance.sum() == pytest.approx(1.0)
+    assert importance[x.names.index("log_quantity_times_pack")] > 0
+
+    loaded = booster_class(name).load(model.save(tmp_path / f"model{model.suffix}"))
+    np.testing.assert_array_equal(loaded.predict(x.take(held)), predicted)
+
+    same_seed = fit_one(name, x, y, held)
+    np.testing.assert_array_equal(same_seed.predict(x.take(held)), predicted)
+    other_seed = fit_one(name, x, y, held, seed=1)
+    assert not np.array_equal(other_seed.predict(x.take(held)), predicted)
+
+
+@pytest.mark.parametrize("name", sorted(BOOSTERS))
+def test_unknown_category_and_missing_values_predict(name: str, data) -> None:
+    x, y, folds = data
+    model = fit_one(name, x, y, folds == 0)
+    odd = x.take(np.arange(5)).values.copy()
+    odd[:, list(x.categorical)] = np.nan
+    odd[:, x.names.index("value")] = np.nan
+    predicted = model.predict(FeatureMatrix(odd, x.names, x.categorical))
+    assert predicted.shape == (5,) and np.isfinite(predicted).all()
+
+
+def test_unknown_booster_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="lightgbm"):
+        booster_class("randomforest")
+
+
+def test_kfold_fills_every_oof_row_and_averages_test_over_folds(data) -> None:
+    x, y, folds = data
+    cfg = small_config(boosters=["lightgbm", "xgboost"])
+    x_test = x.take(np.arange(7))
+    result = train_kfold_boosters(x, y, folds, cfg, seed=1, x_test=x_test, n_jobs=2)
+    lo, hi = result.clip
+    assert set(result.oof) == set(result.test) == {"lightgbm", "xgboost"}
+    for name, oof in result.oof.items():
+        assert oof.shape == y.shape and np.isfinite(oof).all()
+        assert ((oof >= lo) & (oof <= hi)).all()
+        assert sorted(result.fold_smape[name]) == [0, 1, 2, 3, 4]
+        assert result.oof_smape[name] == pytest.approx(smape_from_log(y, oof))
+        assert len(result.models[name]) == 5
+        fold_mean = np.mean([np.clip(m.predict(x_test), lo, hi) for m in result.models[name]], 0)
+        np.testing.assert_allclose(result.test[name], fold_mean)
+        held = folds == 3
+        np.testing.assert_allclose(
+            oof[held], np.clip(result.models[name][3].predict(x.take(held)), lo, hi)
+        )
+
+
+def test_kfold_rejects_rows_without_a_fold(data) -> None:
+    x, y, folds = data
+    with pytest.raises(ValueError, match="folds"):
+        train_kfold_boosters(x, y, np.where(folds == 0, -1, folds), small_config(), seed=0)
+
+
+def test_predictor_save_load_gives_identical_predictions(tmp_path: Path) -> None:
+    train, test = parsed_frame(200, seed=4), parsed_frame(30, seed=5)
+    train_emb, test_emb = embeddings(200, seed=4), embeddings(30, seed=5)
+    test.loc[0, "unit"] = "unseen_unit"
+    fit = fit_gbdt(
+        train,
+        train_emb,
+        train["log_price"].to_numpy(),
+        train["fold"].to_numpy(),
+        small_config(n_estimators=60),
+        seed=3,
+        test=test,
+        test_emb=test_emb,
+        n_jobs=2,
+    )
+    args = (test, test_emb.text, test_emb.image, test_emb.image_mask)
+    before = fit.predictor.predict(*args)
+    assert set(before) == {"lightgbm", "xgboost", "catboost"}
+    for name, values in fit.kfold.test.items():
+        np.testing.assert_allclose(before[name], values)
+
+    loaded = GbdtPredictor.load(fit.predictor.save(tmp_path / "gbdt"))
+    after = loaded.predict(*args)
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    assert sorted(p.name for p in (tmp_path / "gbdt" / "catboost").iterdir()) == [
+        f"fold_{k}.cbm" for k in range(5)
+    ]

@@ -1,0 +1,116 @@
+"""The train_gbdt stage on tiny synthetic inputs: files written, MLflow run logged, errors clear."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from test_tabular import embeddings, parsed_frame
+
+from pricefuse import tracking
+from pricefuse.config import Params, params_from_dict
+from pricefuse.errors import StageError
+from pricefuse.features import row_hash
+from pricefuse.layout import Layout
+from pricefuse.metrics import smape_from_log
+from pricefuse.models.gbdt import GbdtPredictor
+from pricefuse.stages import train_gbdt
+
+BOOSTERS = ["lightgbm", "xgboost", "catboost"]
+
+
+def write_inputs(layout: Layout, n_train: int = 150, n_test: int = 20) -> None:
+    """What preprocess and embed leave behind, including embed's meta with row hashes."""
+    layout.interim_dir.mkdir(parents=True)
+    layout.features_dir.mkdir(parents=True)
+    hashes = {}
+    for split, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
+        frame = parsed_frame(n, seed)
+        if split == "test":
+            frame = frame.drop(columns=["log_price"]).assign(fold=-1, sample_id=np.arange(n))
+        frame.to_parquet(layout.parsed(split), index=False)
+        hashes[f"row_hash_{split}"] = row_hash(frame["sample_id"].tolist())
+        emb = embeddings(n, seed)
+        np.save(layout.text_embeddings(split), emb.text)
+        np.save(layout.image_embeddings(split), emb.image)
+        np.save(layout.image_mask(split), emb.image_mask)
+    tracking.write_meta(layout.features_dir, "embed", "embed-run-id", **hashes)
+
+
+@pytest.fixture
+def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
+    monkeypatch.chdir(tmp_path)
+    gbdt = {"n_estimators": 40, "learning_rate": 0.2, "early_stopping_rounds": 10}
+    params = params_from_dict({"gbdt": {**gbdt, "text_pca": 3, "image_pca": 2, "max_bin": 63}})
+    write_inputs(Layout(params.data))
+    return params
+
+
+def test_stage_writes_predictions_models_and_logs_the_run(params: Params) -> None:
+    layout = Layout(params.data)
+    train_gbdt.run(params)
+
+    train = pd.read_parquet(layout.parsed("train"))
+    oof = pd.read_parquet(layout.oof_predictions("gbdt"))
+    test = pd.read_parquet(layout.test_predictions("gbdt"))
+    assert list(oof.columns) == ["sample_id", "fold", *BOOSTERS]
+    assert list(test.columns) == ["sample_id", *BOOSTERS]
+    np.testing.assert_array_equal(oof["sample_id"], train["sample_id"])
+    np.testing.assert_array_equal(oof["fold"], train["fold"])
+    assert len(test) == 20 and np.isfinite(oof[BOOSTERS].to_numpy()).all()
+
+    # The saved model is what serving loads; it must reproduce the stage's test predictions.
+    parsed_test = pd.read_parquet(layout.parsed("test"))
+    arrays = [np.load(p("test")) for p in (layout.text_embeddings, layout.image_embeddings)]
+    served = GbdtPredictor.load(layout.model_dir("gbdt")).predict(
+        parsed_test, *arrays, np.load(layout.image_mask("test"))
+    )
+    for name in BOOSTERS:
+        np.testing.assert_allclose(served[name], test[name])
+
+    meta = json.loads((layout.model_dir("gbdt") / "meta.json").read_text())
+    run = mlflow.get_run(meta["run_id"])
+    metrics = run.data.metrics
+    y = train["log_price"].to_numpy()
+    baseline = smape_from_log(y, np.full(len(y), np.median(y)))
+    for name in BOOSTERS:
+        assert metrics[f"smape_oof_{name}"] == pytest.approx(smape_from_log(y, oof[name]))
+        assert metrics[f"smape_oof_{name}"] < 0.5 * baseline
+        assert {f"smape_fold_{k}_{name}" for k in range(5)} <= set(metrics)
+    assert run.data.tags["stage"] == "train_gbdt"
+    assert run.data.tags["upstream.embed"] == "embed-run-id"
+    client = mlflow.MlflowClient()
+    model_files = {f.path for f in client.list_artifacts(run.info.run_id, "gbdt_model")}
+    assert {"gbdt_model/gbdt.json", "gbdt_model/featurizer.joblib"} <= model_files
+    assert {f"gbdt_model/{b}" for b in BOOSTERS} <= model_files
+    plots = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "plots")}
+    assert {f"train_gbdt_{b}_importance.png" for b in BOOSTERS} <= plots
+    assert {f"train_gbdt_{b}_pred_vs_actual.png" for b in BOOSTERS} <= plots
+    native = mlflow.lightgbm.load_model(f"runs:/{run.info.run_id}/lightgbm_fold0")
+    assert native.num_feature() == len(
+        json.loads((layout.model_dir("gbdt") / "gbdt.json").read_text())["feature_names"]
+    )
+
+
+def test_misaligned_embeddings_stop_the_stage_with_a_clear_error(params: Params) -> None:
+    layout = Layout(params.data)
+    np.save(layout.text_embeddings("train"), np.zeros((7, 4), dtype=np.float32))
+    with pytest.raises(StageError, match="embeddings are inconsistent"):
+        train_gbdt.run(params)
+
+
+def test_embeddings_of_other_rows_are_refused(params: Params) -> None:
+    layout = Layout(params.data)
+    tracking.write_meta(layout.features_dir, "embed", "x", row_hash_train=row_hash([1, 2]))
+    with pytest.raises(StageError, match="row hash differs"):
+        train_gbdt.run(params)
+
+
+def test_missing_inputs_name_the_stage_to_run(params: Params) -> None:
+    Layout(params.data).image_mask("test").unlink()
+    with pytest.raises(StageError, match="run preprocess and embed"):
+        train_gbdt.run(params)
