@@ -9,8 +9,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import pytest  # noqa: E402
-from tests.support import PROJECT_FILES, deep_update, run_cmd  # noqa: E402
+import pytest
+from tests.support import PROJECT_FILES, deep_update, run_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "amazon2025"
