@@ -94,7 +94,7 @@ class FusionConfig:
     dropout: float = 0.15
     unit_dim: int = 32
     patience: int = 8
-    loss: str = "huber"
+    loss: str = "huber_smape"
 
 
 @dataclass(frozen=True)

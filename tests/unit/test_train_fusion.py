@@ -1,0 +1,246 @@
+"""Fusion training on a synthetic, learnable price problem: inputs, K-fold training, the saved
+predictor and the `train_fusion` stage end to end (tmp dir, sqlite MLflow store)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pricefuse.config import FusionConfig, params_from_dict
+from pricefuse.layout import Layout
+from pricefuse.metrics import smape_from_log
+from pricefuse.models.train import (
+    MANIFEST,
+    UNK,
+    FusionPredictor,
+    InputSpec,
+    KFoldResult,
+    SplitData,
+    train_kfold,
+)
+
+UNIT_EFFECT = {"ounce": 0.0, "count": 0.5, "fl_oz": -0.4, "gram": 0.3, "none": -0.6}
+TEXT_DIM, IMAGE_DIM, N_FOLDS = 16, 8, 4
+CFG = FusionConfig(
+    lr=3e-3, epochs=30, batch_size=64, hidden=32, n_blocks=1, dropout=0.1, unit_dim=8, patience=6
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models: one thread is as fast and immune to the other processes on a shared box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def synthetic(n: int, seed: int, with_target: bool = True) -> SplitData:
+    """log price = text latent + unit effect + quantity/pack + (image latent if any) + noise.
+
+    Text and image vectors are noisy random projections of their latents; rows without an image
+    carry random garbage in the image array, which the model must ignore.
+    """
+    rng = np.random.default_rng(seed)
+    z_text = rng.normal(size=(n, 3))
+    z_image = rng.normal(size=(n, 1))
+    units = np.array(list(UNIT_EFFECT))[rng.integers(0, len(UNIT_EFFECT), n)]
+    log_quantity = rng.normal(3.0, 1.0, n)
+    pack = rng.choice([1, 2, 6], n)
+    has_image = rng.random(n) < 0.6
+    log_price = (
+        2.8
+        + 0.7 * z_text[:, 0]
+        - 0.4 * z_text[:, 1] * z_text[:, 2]
+        + np.array([UNIT_EFFECT[u] for u in units])
+        + 0.3 * (log_quantity - 3.0)
+        + 0.4 * np.log(pack)
+        + np.where(has_image, 0.5 * z_image[:, 0], 0.0)
+        + rng.normal(0.0, 0.1, n)
+    )
+    mix = np.random.default_rng(12345)  # same projections for every split
+    text = z_text @ mix.normal(size=(3, TEXT_DIM)) + 0.05 * rng.normal(size=(n, TEXT_DIM))
+    image = z_image @ mix.normal(size=(1, IMAGE_DIM)) + 0.05 * rng.normal(size=(n, IMAGE_DIM))
+    image[~has_image] = rng.normal(size=(int((~has_image).sum()), IMAGE_DIM)) * 10.0
+    frame = pd.DataFrame(
+        {
+            "sample_id": np.arange(n) + 1000 * seed,
+            "unit": units,
+            "pack": pack,
+            "value": np.exp(log_quantity) * pack,
+            "log_quantity": log_quantity,
+            "value_missing": False,
+            "unit_missing": units == "none",
+            "n_bullets": rng.integers(0, 6, n),
+            "text_len": rng.integers(50, 2000, n),
+            "has_image": has_image,
+            "fold": rng.integers(0, N_FOLDS, n) if with_target else -1,
+        }
+    )
+    if with_target:
+        frame["log_price"] = np.clip(log_price, 0.1, None)
+        # A unit that occurs only in fold 0: the fold-0 model must treat it as unknown.
+        only_fold0 = np.flatnonzero(frame["fold"].to_numpy() == 0)[:4]
+        frame.loc[only_fold0, "unit"] = "gallon"
+    return SplitData(frame, text.astype(np.float32), image.astype(np.float32), has_image)
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[SplitData, SplitData, KFoldResult]:
+    torch.set_num_threads(1)
+    train, test = synthetic(600, seed=1), synthetic(150, seed=2, with_target=False)
+    return train, test, train_kfold(train, CFG, seed=7, test=test)
+
+
+def test_training_beats_the_median_baseline_by_far(trained) -> None:
+    train, _, result = trained
+    y = train.target
+    baseline = smape_from_log(y, np.full_like(y, np.median(y)))
+    assert result.smape_oof < 0.5 * baseline, (result.smape_oof, baseline)
+    assert len(result.fold_smape) == N_FOLDS
+    assert result.seconds < 60
+    for history in result.histories.values():
+        assert 1 <= history.best_epoch <= len(history.val_smape) <= CFG.epochs
+        assert len(history.train_loss) == len(history.val_smape)
+        assert history.train_loss[-1] < history.train_loss[0]
+
+
+def test_oof_rows_come_from_the_model_that_did_not_see_them(trained) -> None:
+    train, test, result = trained
+    assert np.isfinite(result.oof).all()
+    for k, fold in enumerate(result.predictor.folds):
+        rows = np.flatnonzero(result.folds == k)
+        np.testing.assert_array_equal(result.oof[rows], fold.predict(train.take(rows)))
+    assert result.test is not None
+    expected = np.mean([fold.predict(test) for fold in result.predictor.folds], axis=0)
+    np.testing.assert_allclose(result.test, expected, rtol=0, atol=1e-12)
+
+
+def test_unit_vocabulary_is_fit_on_the_fold_training_rows_only(trained) -> None:
+    _, _, result = trained
+    assert "gallon" not in result.predictor.folds[0].spec.units
+    assert all("gallon" in fold.spec.units for fold in result.predictor.folds[1:])
+
+
+def test_unknown_and_missing_units_map_to_unk(trained) -> None:
+    _, test, result = trained
+    spec = result.predictor.folds[0].spec
+    index = spec.unit_index(["ounce", "furlong", None, UNK, float("nan")])
+    assert index[0] > 0 and list(index[1:]) == [0, 0, 0, 0]
+
+    def predict_with_unit(unit: str | None) -> np.ndarray:
+        frame = test.frame.assign(unit=unit)
+        return result.predictor.predict(frame, test.text, test.image, test.image_mask)
+
+    unknown = predict_with_unit("furlong")
+    assert np.isfinite(unknown).all()
+    np.testing.assert_array_equal(unknown, predict_with_unit(None))
+    assert not np.array_equal(unknown, predict_with_unit("count"))
+
+
+def test_predictions_stay_in_the_training_price_range(trained) -> None:
+    train, test, result = trained
+    wild = result.predictor.predict(test.frame, test.text * 1e3, test.image, test.image_mask)
+    y = train.target
+    assert wild.min() >= y.min() - 1e-9 and wild.max() <= y.max() + 1e-9
+
+
+def test_save_load_roundtrip_predicts_identically(trained, tmp_path: Path) -> None:
+    _, test, result = trained
+    result.predictor.save(tmp_path)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert [f["weights"] for f in manifest["folds"]] == [f"fold_{k}.pt" for k in range(N_FOLDS)]
+    loaded = FusionPredictor.load(tmp_path)
+    args = (test.frame, test.text, test.image, test.image_mask)
+    np.testing.assert_array_equal(loaded.predict(*args), result.predictor.predict(*args))
+
+
+def test_training_is_deterministic_given_the_seed() -> None:
+    data = synthetic(200, seed=3)
+    cfg = dataclasses.replace(CFG, epochs=3)
+    first = train_kfold(data, cfg, seed=11).oof
+    np.testing.assert_array_equal(first, train_kfold(data, cfg, seed=11).oof)
+    assert not np.array_equal(first, train_kfold(data, cfg, seed=12).oof)
+
+
+def test_split_data_rejects_inconsistent_inputs() -> None:
+    data = synthetic(20, seed=4)
+    with pytest.raises(ValueError, match="row"):
+        SplitData(data.frame, data.text[:-1], data.image, data.image_mask)
+    text = data.text.copy()
+    text[0, 0] = np.nan
+    with pytest.raises(ValueError, match="text embeddings"):
+        SplitData(data.frame, text, data.image, data.image_mask)
+    with pytest.raises(ValueError, match="dims"):
+        InputSpec.fit(data).build(
+            SplitData(data.frame, data.text[:, :5], data.image, data.image_mask)
+        )
+    # NaN in the image vector of a row without an image is fine: it is never used.
+    image = data.image.copy()
+    image[~data.image_mask] = np.nan
+    SplitData(data.frame, data.text, image, data.image_mask)
+
+
+def _write_split(layout: Layout, split: str, data: SplitData) -> None:
+    layout.parsed(split).parent.mkdir(parents=True, exist_ok=True)
+    layout.features_dir.mkdir(parents=True, exist_ok=True)
+    data.frame.to_parquet(layout.parsed(split), index=False)
+    np.save(layout.text_embeddings(split), data.text)
+    np.save(layout.image_embeddings(split), data.image)
+    np.save(layout.image_mask(split), data.image_mask)
+
+
+def test_stage_writes_outputs_and_logs_the_run(tmp_path: Path, monkeypatch) -> None:
+    from pricefuse.stages import train_fusion
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    fusion = dataclasses.asdict(dataclasses.replace(CFG, epochs=4))
+    params = params_from_dict({"seed": 5, "fusion": fusion, "mlflow": {"experiment": "t"}})
+    layout = Layout(params.data)
+    train, test = synthetic(160, seed=5), synthetic(40, seed=6, with_target=False)
+    _write_split(layout, "train", train)
+    _write_split(layout, "test", test)
+
+    train_fusion.run(params)
+
+    oof = pd.read_parquet(layout.oof_predictions("fusion"))
+    assert list(oof.columns) == ["sample_id", "fold", "fusion"]
+    assert oof["sample_id"].tolist() == train.frame["sample_id"].tolist()
+    assert oof["fold"].tolist() == train.frame["fold"].tolist()
+    test_pred = pd.read_parquet(layout.test_predictions("fusion"))
+    assert list(test_pred.columns) == ["sample_id", "fusion"]
+    assert len(test_pred) == len(test) and np.isfinite(test_pred["fusion"]).all()
+    model_dir = layout.model_dir("fusion")
+    meta = json.loads((model_dir / "meta.json").read_text())
+    assert meta["stage"] == "train_fusion"
+    assert meta["smape_oof"] == pytest.approx(smape_from_log(train.target, oof["fusion"]))
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(meta["run_id"])
+    assert run.data.tags["stage"] == "train_fusion"
+    assert run.data.metrics["smape_oof"] == pytest.approx(meta["smape_oof"])
+    for k in range(N_FOLDS):
+        assert f"smape_fold_{k}" in run.data.metrics
+        curve = client.get_metric_history(run.info.run_id, f"val_smape_fold_{k}")
+        assert sorted(m.step for m in curve) == list(range(1, len(curve) + 1))
+        assert len(client.get_metric_history(run.info.run_id, f"train_loss_fold_{k}")) == len(curve)
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"train_fusion_learning_curves.png", "train_fusion_pred_vs_actual.png"} <= plots
+
+    # The logged model is the whole predictor: it reproduces the stage's test predictions.
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="fusion_model", dst_path=str(tmp_path / "dl")
+    )
+    logged = FusionPredictor.load(local)
+    again = logged.predict(test.frame, test.text, test.image, test.image_mask)
+    np.testing.assert_array_equal(again, test_pred["fusion"].to_numpy())
