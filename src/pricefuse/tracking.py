@@ -40,6 +40,10 @@ def configure(experiment: str, root: Path | None = None) -> str:
 
     uri = default_tracking_uri(root)
     mlflow.set_tracking_uri(uri)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        # Under `mlflow run` the run already exists in the experiment the user chose
+        # (--experiment-name); joining it must not switch experiments.
+        return uri
     if mlflow.get_experiment_by_name(experiment) is None:
         artifacts = ((root or Path.cwd()).resolve() / "mlruns").as_uri()
         try:

@@ -1,0 +1,230 @@
+"""The real pipeline on tiny generated data: dvc repro, mlflow run, registry, serving, submit.
+
+One project copy is built per session and the tests run in order on it (each asserts on the
+state the previous one left), because a full repro is the expensive part.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from tests.support import run_cmd
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("fetch_images", "preprocess", "embed", "train_fusion", "train_gbdt", "ensemble", "submit")
+TINY = {
+    "demo": {"n_train": 180, "n_test": 40, "image_size": 64},
+    "preprocess": {"n_folds": 3},
+    "embed": {"text_max_length": 64},
+    "fusion": {"epochs": 6, "hidden": 64, "patience": 3},
+    "gbdt": {"n_estimators": 60, "text_pca": 8, "image_pca": 4},
+    "ensemble": {"knn_k": 5},
+}
+
+
+@pytest.fixture(scope="module")
+def project(make_project) -> Path:
+    root = make_project("pipeline", TINY)
+    run_cmd(["pricefuse", "demo-data"], root)
+    return root
+
+
+def _mlflow_runs(root: Path) -> list[dict]:
+    """Runs with their params and tags, read straight from the project's sqlite store."""
+    con = sqlite3.connect(root / "mlflow.db")
+    runs = []
+    for run_uuid, name, status in con.execute("select run_uuid, name, status from runs"):
+        params = dict(con.execute("select key, value from params where run_uuid=?", (run_uuid,)))
+        tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_uuid,)))
+        metrics = dict(
+            con.execute("select key, value from latest_metrics where run_uuid=?", (run_uuid,))
+        )
+        runs.append(
+            {
+                "id": run_uuid,
+                "name": name,
+                "status": status,
+                "params": params,
+                "tags": tags,
+                "metrics": metrics,
+            }
+        )
+    con.close()
+    return runs
+
+
+def test_dvc_repro_runs_all_seven_stages(project: Path):
+    started = time.perf_counter()
+    result = run_cmd(["dvc", "repro"], project, timeout=1500)
+    elapsed = time.perf_counter() - started
+    print(f"tiny demo repro: {elapsed:.1f} s")
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in result.stdout, stage
+    runs = _mlflow_runs(project)
+    by_stage = {r["tags"].get("stage"): r for r in runs}
+    assert set(STAGES) <= set(by_stage)
+    for stage in STAGES:
+        run = by_stage[stage]
+        assert run["status"] == "FINISHED"
+        assert run["tags"]["git_commit"] != "unknown"
+        assert len(run["tags"]["data_md5"]) == 32
+        assert "fusion.lr" in run["params"]
+    assert "upstream.preprocess" in by_stage["embed"]["tags"]
+    assert by_stage["train_fusion"]["tags"]["upstream.embed"] == by_stage["embed"]["id"]
+    for stage in ("train_fusion", "ensemble"):
+        assert "smape_oof" in by_stage[stage]["metrics"]
+    assert "smape_oof_lightgbm" in by_stage["train_gbdt"]["metrics"]
+    ensemble = by_stage["ensemble"]["metrics"]
+    assert "smape_oof_hand_blend" in ensemble and "smape_oof_blend" in ensemble
+
+    manifest = pd.read_csv(project / "data/images/manifest.csv")
+    statuses = set(manifest["status"])
+    assert "ok" in statuses and "missing" in statuses and "bad" in statuses, statuses
+
+    submission = pd.read_csv(project / "data/submissions/submission.csv")
+    test = pd.read_csv(project / "data/raw/demo/test.csv")
+    assert list(submission.columns) == ["sample_id", "price"]
+    assert sorted(submission["sample_id"]) == sorted(test["sample_id"])
+    assert (submission["price"] > 0).all()
+    assert json.loads((project / "metrics/ensemble.json").read_text())["smape_oof"] > 0
+
+
+def test_second_repro_is_a_fast_noop(project: Path):
+    started = time.perf_counter()
+    result = run_cmd(["dvc", "repro"], project)
+    elapsed = time.perf_counter() - started
+    print(f"no-op repro: {elapsed:.2f} s")
+    assert "Running stage" not in result.stdout
+    assert elapsed < 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _post(port: int, frame: pd.DataFrame) -> tuple[int, dict]:
+    body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def test_served_model_answers_and_matches_submission(project: Path):
+    port = _free_port()
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen(
+        [
+            mlflow_bin,
+            "models",
+            "serve",
+            "-m",
+            "models:/price-ensemble/1",
+            "--env-manager",
+            "local",
+            "-p",
+            str(port),
+            "-h",
+            "127.0.0.1",
+        ],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise AssertionError(f"server exited: {server.stdout.read()[-4000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError("server did not come up in 240 s")
+
+        test = pd.read_csv(project / "data/raw/demo/test.csv").head(12)
+        rows = test[["sample_id", "catalog_content", "image_link"]].fillna("")
+        status, body = _post(port, rows)
+        assert status == 200, body
+        served = pd.DataFrame(body["predictions"])
+        assert list(served["sample_id"]) == list(rows["sample_id"])
+        # version 1 is the ensemble that wrote the current submission (first repro)
+        submission = pd.read_csv(project / "data/submissions/submission.csv").set_index("sample_id")
+        expected = submission.loc[rows["sample_id"], "price"].to_numpy()
+        assert served["price"].to_numpy() == pytest.approx(expected, rel=1e-3)
+
+        status, body = _post(port, pd.DataFrame({"catalog_content": ["Item Name: x", ""]}))
+        assert status == 400
+        assert "catalog_content" in json.dumps(body)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_ensemble_param_reruns_only_ensemble_and_submit(project: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ensemble"]["knn_k"] = 7
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_cmd(["dvc", "repro"], project, timeout=900)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
+    assert ran == ["ensemble", "submit"], ran
+
+
+def test_mlflow_run_overrides_one_param_for_one_run(project: Path):
+    before = (project / "params.yaml").read_text()
+    run_cmd(
+        ["mlflow", "run", ".", "-e", "train_fusion", "-P", "lr=1e-3", "--env-manager", "local"],
+        project,
+        timeout=900,
+    )
+    assert (project / "params.yaml").read_text() == before
+    fusion_runs = [r for r in _mlflow_runs(project) if r["tags"].get("stage") == "train_fusion"]
+    latest = fusion_runs[-1]
+    assert latest["params"]["fusion.lr"] == "0.001"
+    assert latest["params"]["lr"] == "1e-3"
+    assert "smape_oof" in latest["metrics"]
+    assert latest["tags"].get("mlflow.project.entryPoint") == "train_fusion"
+
+
+def test_report_notebook_executes_on_the_outputs(project: Path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(Path(__file__).parents[2] / "notebooks/01_pipeline_report.ipynb", 4)
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(project)}}
+    ).execute()
+    outputs = "".join(
+        str(out.get("text", "")) + str(out.get("data", {}).get("text/plain", ""))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for out in cell.outputs
+    )
+    assert "ensemble" in outputs and "SMAPE by price quintile" in outputs
