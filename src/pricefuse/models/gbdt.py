@@ -101,22 +101,44 @@ def _require_fitted(model: Any, name: str) -> Any:
     return model
 
 
-class LightGBMBooster:
-    """LightGBM with native categorical splits on the unit / quantity-kind codes."""
+class _NativeBooster:
+    """What the three boosters share: the wrapped native model and the fitted-or-not check.
 
-    name: ClassVar[str] = "lightgbm"
-    suffix: ClassVar[str] = ".txt"
+    Subclasses set `name`, `suffix` and `_count_trees`, and implement fit/predict/importance.
+    """
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]
 
     def __init__(self, model: Any = None) -> None:
         self._model = model
 
     @property
-    def best_iteration(self) -> int:
-        return int(_require_fitted(self._model, self.name).num_trees())
-
-    @property
     def native(self) -> Any:
         return _require_fitted(self._model, self.name)
+
+    @property
+    def best_iteration(self) -> int:
+        return int(self._count_trees(self.native))
+
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        raise NotImplementedError
+
+    def save(self, path: Path) -> Path:
+        self.native.save_model(str(path))
+        return path
+
+
+class LightGBMBooster(_NativeBooster):
+    """LightGBM with native categorical splits on the unit / quantity-kind codes."""
+
+    name: ClassVar[str] = "lightgbm"
+    suffix: ClassVar[str] = ".txt"
+
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        return model.num_trees()
 
     def fit(
         self,
@@ -171,10 +193,6 @@ class LightGBMBooster:
     def feature_importance(self) -> np.ndarray:
         return _normalised(self.native.feature_importance(importance_type="gain"))
 
-    def save(self, path: Path) -> Path:
-        self.native.save_model(str(path))
-        return path
-
     @classmethod
     def load(cls, path: Path) -> Self:
         import lightgbm as lgb
@@ -182,22 +200,15 @@ class LightGBMBooster:
         return cls(lgb.Booster(model_file=str(path)))
 
 
-class XGBoostBooster:
+class XGBoostBooster(_NativeBooster):
     """XGBoost `hist` trees with categorical support declared through feature types."""
 
     name: ClassVar[str] = "xgboost"
     suffix: ClassVar[str] = ".ubj"
 
-    def __init__(self, model: Any = None) -> None:
-        self._model = model
-
-    @property
-    def best_iteration(self) -> int:
-        return int(_require_fitted(self._model, self.name).num_boosted_rounds())
-
-    @property
-    def native(self) -> Any:
-        return _require_fitted(self._model, self.name)
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        return model.num_boosted_rounds()
 
     @staticmethod
     def _matrix(x: FeatureMatrix, label: np.ndarray | None = None, n_jobs: int = 1) -> Any:
@@ -254,10 +265,6 @@ class XGBoostBooster:
         scores = self.native.get_score(importance_type="total_gain")
         return _normalised(np.array([scores.get(n, 0.0) for n in self.native.feature_names]))
 
-    def save(self, path: Path) -> Path:
-        self.native.save_model(str(path))
-        return path
-
     @classmethod
     def load(cls, path: Path) -> Self:
         import xgboost as xgb
@@ -267,22 +274,15 @@ class XGBoostBooster:
         return cls(model)
 
 
-class CatBoostBooster:
+class CatBoostBooster(_NativeBooster):
     """CatBoost symmetric trees; categorical codes go in as integers (-1 = unknown)."""
 
     name: ClassVar[str] = "catboost"
     suffix: ClassVar[str] = ".cbm"
 
-    def __init__(self, model: Any = None) -> None:
-        self._model = model
-
-    @property
-    def best_iteration(self) -> int:
-        return int(_require_fitted(self._model, self.name).tree_count_)
-
-    @property
-    def native(self) -> Any:
-        return _require_fitted(self._model, self.name)
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        return model.tree_count_
 
     @staticmethod
     def _frame(x: FeatureMatrix) -> pd.DataFrame:
