@@ -10,6 +10,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest
+
 from tests.support import PROJECT_FILES, deep_update, run_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

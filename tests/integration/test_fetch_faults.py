@@ -21,11 +21,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
-from tests.integration.faulty_server import FaultyServer, Route, load_images, png_bomb
 
 from pricefuse.config import FetchConfig, params_from_dict
 from pricefuse.data.images import FetchResult, cache_stem, fetch_images, validate_image
 from pricefuse.layout import MANIFEST_COLUMNS
+from tests.integration.faulty_server import FaultyServer, Route, load_images, png_bomb
 
 pytestmark = [pytest.mark.integration, pytest.mark.network]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
 from tests.support import run_cmd
 
 pytestmark = pytest.mark.integration
