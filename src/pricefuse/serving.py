@@ -179,7 +179,7 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
         registered = params.mlflow.registered_model if params.ensemble.register else None
         info = mlflow.pyfunc.log_model(
             name="price_model",
-            python_model=PriceEnsembleModel(),
+            python_model=str(Path(pricefuse.__file__).parent / "pyfunc_entry.py"),
             artifacts=artifacts,
             code_paths=[str(Path(pricefuse.__file__).parent)],
             signature=model_signature(),
