@@ -11,6 +11,9 @@ from pathlib import Path
 
 from pricefuse.config import DataConfig
 
+# Small files DVC tracks as plots (git-committable) and stages also log to MLflow under "plots".
+PLOTS_DIR = Path("plots")
+
 SPLITS = ("train", "test")
 
 # fetch_images: manifest.csv, one row per distinct link.

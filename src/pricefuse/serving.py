@@ -113,7 +113,6 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from pricefuse.models.ensemble import to_price
 
         parsed, _report = parse_frame(rows)
-        parsed["has_image"] = False
         images = [
             load_image_source(link=link, b64=b64, cfg=self.params.fetch)
             for link, b64 in zip(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], strict=True)

@@ -10,7 +10,7 @@ import pandas as pd
 from pricefuse import plots, tracking
 from pricefuse.config import Params
 from pricefuse.errors import StageError
-from pricefuse.layout import FOLD, ID, LOG_PRICE, Layout
+from pricefuse.layout import FOLD, ID, LOG_PRICE, PLOTS_DIR, Layout
 from pricefuse.metrics import smape
 from pricefuse.models.ensemble import (
     EnsembleState,
@@ -87,11 +87,13 @@ def run(params: Params) -> None:
         tracking.log_metrics(metrics)
         print(_summary(metrics, members))
 
-        plot_dir = tracking.METRICS_DIR.parent / "plots"
         mlflow.log_artifact(
             str(
                 plots.pred_vs_actual(
-                    y, to_price(final_oof), "ensemble OOF", plot_dir / "ensemble_pred_vs_actual.png"
+                    y,
+                    to_price(final_oof),
+                    "ensemble OOF",
+                    PLOTS_DIR / "ensemble_pred_vs_actual.png",
                 )
             ),
             "plots",
@@ -110,7 +112,7 @@ def run(params: Params) -> None:
                     labels,
                     scores,
                     "OOF SMAPE (%), lower is better",
-                    plot_dir / "ensemble_members.png",
+                    PLOTS_DIR / "ensemble_members.png",
                 )
             ),
             "plots",

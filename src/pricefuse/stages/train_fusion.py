@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from pricefuse import plots, tracking
 from pricefuse.config import Params
 from pricefuse.errors import StageError
-from pricefuse.layout import FOLD, ID, Layout
+from pricefuse.layout import FOLD, ID, PLOTS_DIR, Layout
 from pricefuse.models.train import (
     MANIFEST,
     FoldHistory,
@@ -33,7 +33,6 @@ from pricefuse.models.train import (
 STAGE = "train_fusion"
 MEMBER = "fusion"
 MODEL_ARTIFACT_PATH = "fusion_model"
-PLOTS_DIR = Path("plots")
 # MLflow accepts at most 1000 metric values per log_batch call.
 METRIC_BATCH = 1000
 

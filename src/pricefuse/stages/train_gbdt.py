@@ -20,13 +20,12 @@ from pricefuse.config import Params
 from pricefuse.errors import StageError
 from pricefuse.features import row_hash
 from pricefuse.features.tabular import Embeddings
-from pricefuse.layout import FOLD, ID, LOG_PRICE, Layout
+from pricefuse.layout import FOLD, ID, LOG_PRICE, PLOTS_DIR, Layout
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.gbdt import KFoldResult, booster_class, fit_gbdt
 
 STAGE = "train_gbdt"
 MODEL_ARTIFACT = "gbdt_model"
-PLOT_DIR = tracking.METRICS_DIR.parent / "plots"
 
 
 def _load_split(layout: Layout, split: str) -> tuple[pd.DataFrame, Embeddings]:
@@ -88,13 +87,13 @@ def _log_plots(kfold: KFoldResult, y: np.ndarray) -> None:
             kfold.feature_names,
             kfold.importance[name],
             f"{name} feature importance (gain, fold mean)",
-            PLOT_DIR / f"{STAGE}_{name}_importance.png",
+            PLOTS_DIR / f"{STAGE}_{name}_importance.png",
         )
         scatter = plots.pred_vs_actual(
             np.expm1(y),
             np.expm1(kfold.oof[name]),
             f"{name} OOF",
-            PLOT_DIR / f"{STAGE}_{name}_pred_vs_actual.png",
+            PLOTS_DIR / f"{STAGE}_{name}_pred_vs_actual.png",
         )
         mlflow.log_artifact(str(importance), "plots")
         mlflow.log_artifact(str(scatter), "plots")
