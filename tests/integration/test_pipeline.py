@@ -214,6 +214,36 @@ def test_mlflow_run_overrides_one_param_for_one_run(project: Path):
     assert latest["tags"].get("mlflow.project.entryPoint") == "train_fusion"
 
 
+def test_main_entry_point_runs_changed_stages_as_child_runs(project: Path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["ensemble"]["knn_k"] = 9
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_cmd(
+        ["mlflow", "run", ".", "-e", "main", "--env-manager", "local"], project, timeout=900
+    )
+    output = result.stdout + result.stderr
+    assert "Running stage 'ensemble'" in output and "Running stage 'fetch_images'" not in output
+    runs = _mlflow_runs(project)
+    parent = next(r for r in runs if r["tags"].get("mlflow.project.entryPoint") == "main")
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["id"]]
+    assert sorted(r["tags"]["stage"] for r in children) == ["ensemble", "submit"]
+    assert all(r["params"]["ensemble.knn_k"] == "9" for r in children)
+
+
+def test_predict_command_matches_the_submission(project: Path):
+    test = pd.read_csv(project / "data/raw/demo/test.csv")
+    out = project / "predicted.csv"
+    run_cmd(
+        ["pricefuse", "predict", "--input", "data/raw/demo/test.csv", "--output", str(out)],
+        project,
+    )
+    predicted = pd.read_csv(out)
+    assert predicted["sample_id"].tolist() == test["sample_id"].tolist()
+    submission = pd.read_csv(project / "data/submissions/submission.csv").set_index("sample_id")
+    expected = submission.loc[predicted["sample_id"], "price"].to_numpy()
+    assert predicted["price"].to_numpy() == pytest.approx(expected, rel=1e-3)
+
+
 def test_report_notebook_executes_on_the_outputs(project: Path):
     import nbformat
     from nbclient import NotebookClient
