@@ -23,9 +23,12 @@ STAGES = (
     "fetch_images",
     "preprocess",
     "embed",
+    "neighbours",
+    "train_linear",
     "train_fusion",
     "train_gbdt",
     "ensemble",
+    "ablation",
     "submit",
 )
 
@@ -139,9 +142,13 @@ def check_raw(paths: tuple[Path, ...]) -> None:
 def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:
     """Print the OOF SMAPE of every model and of the ensemble from the pipeline outputs."""
     params = _load(params_path, overrides)
-    from pricefuse.reports import oof_report
+    from pricefuse.reports import ablation_report, oof_report
 
     click.echo(oof_report(params).to_string(index=False))
+    ablation = ablation_report()
+    if ablation is not None:
+        click.echo("\nablation (OOF SMAPE %, from metrics/ablation.json):")
+        click.echo(ablation.to_string(index=False))
 
 
 @main.command("predict")

@@ -37,6 +37,7 @@ class DataConfig:
     images_dir: str = "data/images"
     interim_dir: str = "data/interim"
     features_dir: str = "data/features"
+    neighbours_dir: str = "data/neighbours"
     models_dir: str = "data/models"
     submission_csv: str = "data/submissions/submission.csv"
 
@@ -84,6 +85,31 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
+class NeighboursConfig:
+    """Neighbour-price features and the `knn` member (pricefuse.features.neighbours)."""
+
+    spaces: tuple[str, ...] = ("tfidf_name", "tfidf_text", "text_embedding", "image")
+    k: int = 10
+    decay: float = 5.0
+    band: float = 0.0
+    tfidf_max_ngram: int = 2
+    member_spaces: tuple[str, ...] = ("tfidf_name", "tfidf_text")
+    as_features: bool = True
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """TF-IDF word + character n-grams -> Ridge on log1p price (pricefuse.models.linear)."""
+
+    view: str = "name"
+    word_max_ngram: int = 2
+    char_ngram: tuple[int, ...] = (2, 5)
+    min_df: int = 2
+    char_max_features: int = 200000
+    alpha: float = 3.0
+
+
+@dataclass(frozen=True)
 class FusionConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
@@ -95,6 +121,7 @@ class FusionConfig:
     unit_dim: int = 32
     patience: int = 8
     loss: str = "huber_smape"
+    modalities: tuple[str, ...] = ("text", "image", "tabular")
 
 
 @dataclass(frozen=True)
@@ -126,6 +153,9 @@ class GbdtConfig:
     learning_rate: float = 0.05
     early_stopping_rounds: int = 50
     max_bin: int = 63  # histogram bins per feature (CatBoost: border_count); fewer = faster
+    objective: str = "huber"
+    huber_delta: float = 0.5
+    stack_members: tuple[str, ...] = ("linear",)
     lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
     xgboost: XGBoostConfig = field(default_factory=XGBoostConfig)
     catboost: CatBoostConfig = field(default_factory=CatBoostConfig)
@@ -133,11 +163,17 @@ class GbdtConfig:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    members: tuple[str, ...] = ("fusion", "lightgbm", "xgboost", "catboost")
-    hand_weights: tuple[float, ...] = (0.85, 0.05, 0.05, 0.05)
-    knn_k: int = 10
-    knn_enabled: bool = True
+    members: tuple[str, ...] = ("fusion", "lightgbm", "xgboost", "catboost", "linear", "knn")
+    stackers: tuple[str, ...] = ("ridge", "lightgbm")
+    stack_alpha: float = 1.0
     register: bool = True
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """What the `ablation` stage retrains: the fusion head on these modality subsets."""
+
+    fusion_variants: tuple[str, ...] = ("text", "image", "tabular", "all")
 
 
 @dataclass(frozen=True)
@@ -154,9 +190,12 @@ class Params:
     fetch: FetchConfig = field(default_factory=FetchConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     gbdt: GbdtConfig = field(default_factory=GbdtConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
 
 

@@ -69,9 +69,13 @@ class Layout:
     def image_mask(self, split: str) -> Path:
         return self.features_dir / f"{split}_image_mask.npy"
 
+    # neighbours: OOF neighbour features of train rows, all-train-row features of test rows
+    def neighbour_features(self, split: str) -> Path:
+        return Path(self.data.neighbours_dir) / f"{split}.parquet"
+
     # models
     def model_dir(self, name: str) -> Path:
-        """name: fusion | gbdt | ensemble"""
+        """name: a producer in pricefuse.members, or "ensemble"."""
         return Path(self.data.models_dir) / name
 
     def oof_predictions(self, name: str) -> Path:

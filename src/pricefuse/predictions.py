@@ -1,47 +1,53 @@
 """Read the members' prediction files into one aligned table.
 
-Every training stage writes log1p predictions keyed by sample_id (OOF: + fold). The ensemble and
-the reports need them side by side, in the parsed table's row order, with a loud error when a
-member is missing rows (a stale or partial upstream output must not be blended silently).
+Every training stage writes log1p predictions keyed by sample_id (OOF: + fold) into its model
+directory; which file holds which member comes from the registry (`pricefuse.members`). The
+ensemble and the reports need them side by side, in the parsed table's row order, with a loud
+error when a member is missing rows (a stale or partial upstream output must not be blended
+silently).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import pandas as pd
 
+from pricefuse.config import Params
 from pricefuse.errors import StageError
-from pricefuse.layout import FOLD, ID, Layout
-
-PRODUCERS = ("fusion", "gbdt")
+from pricefuse.layout import ID, Layout
+from pricefuse.members import UnknownMemberError, producer_of
 
 
 def member_predictions(
-    layout: Layout, split: str, members: Sequence[str], ids: pd.Series
+    params: Params, split: str, members: Sequence[str], ids: pd.Series
 ) -> pd.DataFrame:
     """DataFrame with one column per member (log1p), rows aligned to `ids` (parsed order)."""
-    found: dict[str, pd.Series] = {}
-    for producer in PRODUCERS:
-        path: Path = (
-            layout.oof_predictions(producer)
+    layout = Layout(params.data)
+    columns: dict[str, pd.Series] = {}
+    for member in members:
+        try:
+            producer = producer_of(member, params)
+        except UnknownMemberError as exc:
+            raise StageError(str(exc)) from exc
+        path = (
+            layout.oof_predictions(producer.name)
             if split == "train"
-            else layout.test_predictions(producer)
+            else layout.test_predictions(producer.name)
         )
         if not path.exists():
-            continue
+            raise StageError(
+                f"no {split} predictions for member {member!r}: {path} is missing. "
+                f"Run its stage (`pricefuse {producer.stage.replace('_', '-')}` or dvc repro)."
+            )
         frame = pd.read_parquet(path).set_index(ID)
-        for column in frame.columns:
-            if column != FOLD:
-                found[column] = frame[column]
-    unknown = [m for m in members if m not in found]
-    if unknown:
-        raise StageError(
-            f"no {split} predictions for member(s) {unknown}; available: {sorted(found)}. "
-            "Check ensemble.members in params.yaml and that the training stages ran."
-        )
-    out = pd.DataFrame({m: found[m].reindex(ids.to_numpy()).to_numpy() for m in members})
+        if member not in frame.columns:
+            raise StageError(
+                f"{path} has no column {member!r} (it holds {sorted(frame.columns)}): "
+                f"re-run {producer.stage} with the current params"
+            )
+        columns[member] = frame[member]
+    out = pd.DataFrame({m: columns[m].reindex(ids.to_numpy()).to_numpy() for m in members})
     gaps = out.isna().any(axis=1)
     if gaps.any():
         raise StageError(

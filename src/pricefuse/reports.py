@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from pricefuse.config import Params
 from pricefuse.layout import ID, LOG_PRICE, Layout
+from pricefuse.members import PRODUCERS
 from pricefuse.metrics import smape
 from pricefuse.models.ensemble import to_price
 
-PRODUCERS = ("fusion", "gbdt", "ensemble")
+ABLATION_FILE = "metrics/ablation.json"
 
 
 def oof_report(params: Params) -> pd.DataFrame:
-    """OOF SMAPE of every model found in the outputs, the ensemble, and a constant median."""
+    """OOF SMAPE of every member found in the outputs, the ensemble, and a constant median."""
     layout = Layout(params.data)
     train = pd.read_parquet(layout.parsed("train"), columns=[ID, LOG_PRICE]).set_index(ID)
     y = np.expm1(train[LOG_PRICE].to_numpy())
     rows = [{"model": "constant median", "smape_oof": smape(y, np.full_like(y, np.median(y)))}]
-    for producer in PRODUCERS:
-        path = layout.oof_predictions(producer)
+    for name in [p.name for p in PRODUCERS] + ["ensemble"]:
+        path = layout.oof_predictions(name)
         if not path.exists():
             continue
         frame = pd.read_parquet(path).set_index(ID).reindex(train.index)
@@ -31,3 +35,26 @@ def oof_report(params: Params) -> pd.DataFrame:
     report = pd.DataFrame(rows)
     report["smape_oof"] = report["smape_oof"].round(3)
     return report
+
+
+def ablation_key(group: str, name: str) -> str:
+    """The metric key of one ablation row: `<group>/<name>`, spaces as underscores."""
+    return f"{group.replace(' ', '_')}/{name.replace(' ', '_')}"
+
+
+def ablation_report(path: Path | str = ABLATION_FILE) -> pd.DataFrame | None:
+    """The ablation table from the `ablation` stage's metrics file, or None before it ran."""
+    file = Path(path)
+    if not file.exists():
+        return None
+    metrics = json.loads(file.read_text(encoding="utf-8"))
+    rows = [
+        {
+            "group": key.split("/", 1)[0].replace("_", " "),
+            "name": key.split("/", 1)[1].replace("_", " "),
+            "smape_oof": value,
+        }
+        for key, value in metrics.items()
+        if "/" in key
+    ]
+    return pd.DataFrame(rows, columns=["group", "name", "smape_oof"])

@@ -1,8 +1,9 @@
 """The registered model: raw product rows in, prices out.
 
 One pyfunc wraps the whole inference path the pipeline trained — parsing, text and image
-encoders, the fusion head, the boosters, the log-space blend and the nearest-neighbour
-correction — so `mlflow models serve` and `pricefuse predict` answer exactly what `submit` wrote.
+encoders, the neighbour features, every member the registry (`pricefuse.members`) names for
+`ensemble.members`, and the blend or stacker — so `mlflow models serve` and `pricefuse predict`
+answer exactly what `submit` wrote.
 Rows without a usable image (no link, broken link, corrupt bytes) take the text-only path, as in
 training. A row that cannot be priced at all (no catalog_content) is an error naming the row,
 never a silent NaN.
@@ -23,9 +24,7 @@ INPUT_IMAGE_LINK = "image_link"
 INPUT_IMAGE_B64 = "image_b64"
 INPUT_ID = "sample_id"
 
-# Artifact keys inside the logged model.
-ART_FUSION = "fusion"
-ART_GBDT = "gbdt"
+# Artifact keys inside the logged model (the producers' keys are their registry names).
 ART_ENSEMBLE = "ensemble"
 ART_PARAMS = "params"
 
@@ -73,9 +72,8 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from pricefuse.config import params_from_dict
         from pricefuse.features.image import ImageEncoder
         from pricefuse.features.text import TextEncoder
+        from pricefuse.members import serving_producers
         from pricefuse.models.ensemble import EnsembleState
-        from pricefuse.models.gbdt import GbdtPredictor
-        from pricefuse.models.train import FusionPredictor
 
         raw = json.loads(Path(artifacts[ART_PARAMS]).read_text())
         self.params = params_from_dict(raw)
@@ -86,9 +84,11 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         self.image_encoder = ImageEncoder.from_ref(
             embed.image_model, embed.image_size, embed.image_batch_size
         )
-        self.fusion = FusionPredictor.load(artifacts[ART_FUSION])
-        self.gbdt = GbdtPredictor.load(artifacts[ART_GBDT])
-        self.state, self.knn_keys, self.knn_values = EnsembleState.load(artifacts[ART_ENSEMBLE])
+        self.producers = [
+            (producer, producer.load(artifacts[producer.name]))
+            for producer in serving_producers(self.params)
+        ]
+        self.state = EnsembleState.load(artifacts[ART_ENSEMBLE])
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -110,7 +110,8 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         """Prices for validated rows (see `validate_input`)."""
         from pricefuse.data.catalog import parse_frame
         from pricefuse.data.images import load_image_source
-        from pricefuse.models.ensemble import to_price
+        from pricefuse.members import MemberBatch
+        from pricefuse.models.ensemble import meta_features, to_price
 
         parsed, _report = parse_frame(rows)
         images = [
@@ -120,17 +121,33 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         text_emb = self.text_encoder.encode(list(parsed["text"]))
         image_emb, mask = self.image_encoder.encode(images)
         parsed["has_image"] = mask
-        members = self.member_predictions(parsed, text_emb, image_emb, mask)
-        log_pred = self.state.predict_log(members, text_emb, self.knn_keys, self.knn_values)
+        batch = MemberBatch(parsed, text_emb, image_emb, mask)
+        members = self.member_predictions(batch)
+        log_pred = self.state.predict_log(members, meta_features(parsed, mask))
         return to_price(log_pred)
 
-    def member_predictions(
-        self, parsed: pd.DataFrame, text_emb: np.ndarray, image_emb: np.ndarray, mask: np.ndarray
-    ) -> np.ndarray:
-        """Member log predictions as columns, in the order the blend weights expect."""
-        by_name = {"fusion": self.fusion.predict(parsed, text_emb, image_emb, mask)}
-        by_name.update(self.gbdt.predict(parsed, text_emb, image_emb, mask))
-        return np.column_stack([by_name[name] for name in self.state.blend.members])
+    def member_predictions(self, batch: Any) -> np.ndarray:
+        """Member log predictions as columns, in the order the ensemble state expects.
+
+        Feature providers (the neighbour index) run first and add their columns to the batch,
+        and every producer's predictions join the batch as `member_<name>` columns for the
+        producers after it — exactly the columns the training stages read.
+        """
+        import pandas as pd
+
+        from pricefuse.members import stacked_column
+
+        by_name: dict[str, np.ndarray] = {}
+        for producer, predictor in self.producers:
+            if producer.feeds_features and self.params.neighbours.as_features:
+                batch = predictor.augment(batch)
+            predicted = predictor.predict_members(batch)
+            by_name.update(predicted)
+            # later producers may take these as stacked features (gbdt.stack_members)
+            batch = batch.with_columns(
+                pd.DataFrame({stacked_column(m): v for m, v in predicted.items()})
+            )
+        return np.column_stack([by_name[name] for name in self.state.members])
 
 
 def model_signature() -> Any:
@@ -164,16 +181,14 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
     import tempfile
 
     import pricefuse
+    from pricefuse.members import serving_producers
 
     with tempfile.TemporaryDirectory() as tmp:
         params_path = Path(tmp) / "params.json"
         params_path.write_text(json.dumps(dataclasses.asdict(params), indent=2))
-        artifacts = {
-            ART_FUSION: str(layout.model_dir("fusion")),
-            ART_GBDT: str(layout.model_dir("gbdt")),
-            ART_ENSEMBLE: str(layout.model_dir("ensemble")),
-            ART_PARAMS: str(params_path),
-        }
+        artifacts = {p.name: str(layout.model_dir(p.name)) for p in serving_producers(params)}
+        artifacts[ART_ENSEMBLE] = str(layout.model_dir("ensemble"))
+        artifacts[ART_PARAMS] = str(params_path)
         lock = Path("requirements.lock")
         registered = params.mlflow.registered_model if params.ensemble.register else None
         info = mlflow.pyfunc.log_model(

@@ -24,14 +24,27 @@ from tests.support import run_cmd
 
 pytestmark = pytest.mark.integration
 
-STAGES = ("fetch_images", "preprocess", "embed", "train_fusion", "train_gbdt", "ensemble", "submit")
+STAGES = (
+    "fetch_images",
+    "preprocess",
+    "embed",
+    "neighbours",
+    "train_linear",
+    "train_fusion",
+    "train_gbdt",
+    "ensemble",
+    "ablation",
+    "submit",
+)
 TINY = {
     "demo": {"n_train": 180, "n_test": 40, "image_size": 64},
     "preprocess": {"n_folds": 3},
     "embed": {"text_max_length": 64},
     "fusion": {"epochs": 6, "hidden": 64, "patience": 3},
     "gbdt": {"n_estimators": 60, "text_pca": 8, "image_pca": 4},
-    "ensemble": {"knn_k": 5},
+    "neighbours": {"k": 5},
+    "linear": {"char_max_features": 20000},
+    "ablation": {"fusion_variants": ["text", "all"]},
 }
 
 
@@ -66,7 +79,7 @@ def _mlflow_runs(root: Path) -> list[dict]:
     return runs
 
 
-def test_dvc_repro_runs_all_seven_stages(project: Path):
+def test_dvc_repro_runs_every_stage(project: Path):
     started = time.perf_counter()
     result = run_cmd(["dvc", "repro"], project, timeout=1500)
     elapsed = time.perf_counter() - started
@@ -87,8 +100,16 @@ def test_dvc_repro_runs_all_seven_stages(project: Path):
     for stage in ("train_fusion", "ensemble"):
         assert "smape_oof" in by_stage[stage]["metrics"]
     assert "smape_oof_lightgbm" in by_stage["train_gbdt"]["metrics"]
+    assert by_stage["train_gbdt"]["tags"]["upstream.neighbours"] == by_stage["neighbours"]["id"]
     ensemble = by_stage["ensemble"]["metrics"]
-    assert "smape_oof_hand_blend" in ensemble and "smape_oof_blend" in ensemble
+    for member in ("fusion", "lightgbm", "xgboost", "catboost", "linear", "knn"):
+        assert f"smape_oof_{member}" in ensemble, member
+    assert "smape_oof_blend" in ensemble and "smape_oof_stack_ridge" in ensemble
+    ablation = json.loads((project / "metrics/ablation.json").read_text())
+    assert {"blend_without/knn", "fusion_head/text_only", "member_alone/linear"} <= set(ablation)
+    assert set(by_stage["ablation"]["metrics"]) >= {"blend_without/knn", "fusion_head/all"}
+    report = run_cmd(["pricefuse", "evaluate"], project).stdout
+    assert "linear" in report and "blend without" in report
 
     manifest = pd.read_csv(project / "data/images/manifest.csv")
     statuses = set(manifest["status"])
@@ -191,7 +212,7 @@ def test_served_model_answers_and_matches_submission(project: Path):
 
 def test_ensemble_param_reruns_only_ensemble_and_submit(project: Path):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["ensemble"]["knn_k"] = 7
+    params["ensemble"]["stack_alpha"] = 2.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run_cmd(["dvc", "repro"], project, timeout=900)
     ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
@@ -216,7 +237,7 @@ def test_mlflow_run_overrides_one_param_for_one_run(project: Path):
 
 def test_main_entry_point_runs_changed_stages_as_child_runs(project: Path):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["ensemble"]["knn_k"] = 9
+    params["ensemble"]["stack_alpha"] = 3.0
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run_cmd(
         ["mlflow", "run", ".", "-e", "main", "--env-manager", "local"], project, timeout=900
@@ -227,7 +248,7 @@ def test_main_entry_point_runs_changed_stages_as_child_runs(project: Path):
     parent = next(r for r in runs if r["tags"].get("mlflow.project.entryPoint") == "main")
     children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parent["id"]]
     assert sorted(r["tags"]["stage"] for r in children) == ["ensemble", "submit"]
-    assert all(r["params"]["ensemble.knn_k"] == "9" for r in children)
+    assert all(r["params"]["ensemble.stack_alpha"] == "3.0" for r in children)
 
 
 def test_predict_command_matches_the_submission(project: Path):

@@ -35,7 +35,7 @@ def test_empty_override_means_as_in_params():
         ("fusion.lrr=1", "unknown parameter"),
         ("fusion.epochs=1.5", "integer"),
         ("fusion.lr=fast", "number"),
-        ("ensemble.knn_enabled=3", "true/false"),
+        ("neighbours.as_features=3", "true/false"),
         ("fusion", "key=value"),
     ],
 )
@@ -48,4 +48,5 @@ def test_flatten_uses_dotted_keys():
     flat = flatten(Params())
     assert flat["fusion.lr"] == Params().fusion.lr
     assert flat["gbdt.lightgbm.num_leaves"] == 31
-    assert flat["ensemble.members"] == "fusion,lightgbm,xgboost,catboost"
+    assert flat["ensemble.members"] == ",".join(Params().ensemble.members)
+    assert flat["neighbours.spaces"].startswith("tfidf_name")

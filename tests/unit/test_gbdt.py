@@ -9,7 +9,7 @@ import pytest
 from test_tabular import embeddings, parsed_frame
 
 from pricefuse.config import GbdtConfig, params_from_dict
-from pricefuse.features.tabular import FeatureMatrix, TabularFeaturizer
+from pricefuse.features.tabular import Embeddings, FeatureMatrix, TabularFeaturizer
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.gbdt import (
     BOOSTERS,
@@ -17,6 +17,7 @@ from pricefuse.models.gbdt import (
     GbdtPredictor,
     booster_class,
     fit_gbdt,
+    fold_features,
     train_kfold_boosters,
 )
 
@@ -31,6 +32,7 @@ def small_config(**overrides: object) -> GbdtConfig:
         "max_bin": 63,
         "text_pca": 3,
         "image_pca": 2,
+        "objective": "l2",
         **overrides,
     }
     return params_from_dict({"gbdt": gbdt}).gbdt
@@ -88,11 +90,13 @@ def test_unknown_booster_name_lists_the_known_ones() -> None:
         booster_class("randomforest")
 
 
-def test_kfold_fills_every_oof_row_and_averages_test_over_folds(data) -> None:
-    x, y, folds = data
+def test_kfold_fills_every_oof_row_and_averages_test_over_folds() -> None:
+    frame, emb = parsed_frame(N), embeddings(N)
+    y, folds = frame["log_price"].to_numpy(), frame["fold"].to_numpy()
     cfg = small_config(boosters=["lightgbm", "xgboost"])
-    x_test = x.take(np.arange(7))
-    result = train_kfold_boosters(x, y, folds, cfg, seed=1, x_test=x_test, n_jobs=2)
+    test, test_emb = parsed_frame(7, seed=9), embeddings(7, seed=9)
+    sets = fold_features(frame, emb, folds, cfg, 1, test, test_emb)
+    result = train_kfold_boosters(sets, y, cfg, seed=1, n_jobs=2)
     lo, hi = result.clip
     assert set(result.oof) == set(result.test) == {"lightgbm", "xgboost"}
     for name, oof in result.oof.items():
@@ -101,18 +105,66 @@ def test_kfold_fills_every_oof_row_and_averages_test_over_folds(data) -> None:
         assert sorted(result.fold_smape[name]) == [0, 1, 2, 3, 4]
         assert result.oof_smape[name] == pytest.approx(smape_from_log(y, oof))
         assert len(result.models[name]) == 5
-        fold_mean = np.mean([np.clip(m.predict(x_test), lo, hi) for m in result.models[name]], 0)
+        fold_mean = np.mean(
+            [
+                np.clip(m.predict(s.x_test) + offset, lo, hi)
+                for m, s, offset in zip(result.models[name], sets, result.offsets, strict=True)
+            ],
+            0,
+        )
         np.testing.assert_allclose(result.test[name], fold_mean)
         held = folds == 3
         np.testing.assert_allclose(
-            oof[held], np.clip(result.models[name][3].predict(x.take(held)), lo, hi)
+            oof[held],
+            np.clip(result.models[name][3].predict(sets[3].x_held) + result.offsets[3], lo, hi),
         )
 
 
-def test_kfold_rejects_rows_without_a_fold(data) -> None:
-    x, y, folds = data
+@pytest.mark.parametrize("name", sorted(BOOSTERS))
+def test_huber_objective_reaches_the_price_level(name: str) -> None:
+    """With a bounded-gradient loss the boosters fit residuals from the fold's median; without
+    that, XGBoost's pseudo-Huber never left 0 in the round budget (SMAPE ~190%)."""
+    frame, emb = parsed_frame(N), embeddings(N)
+    frame["log_price"] += 3.0  # far from 0, like real prices
+    y, folds = frame["log_price"].to_numpy(), frame["fold"].to_numpy()
+    cfg = small_config(boosters=[name], objective="huber", huber_delta=0.5, n_estimators=80)
+    result = train_kfold_boosters(fold_features(frame, emb, folds, cfg, 0), y, cfg, 0, n_jobs=2)
+    baseline = smape_from_log(y, np.full_like(y, np.median(y)))
+    assert result.oof_smape[name] < 0.5 * baseline, result.oof_smape
+
+
+def test_kfold_rejects_rows_without_a_fold() -> None:
+    frame, emb = parsed_frame(60), embeddings(60)
+    folds = frame["fold"].to_numpy()
     with pytest.raises(ValueError, match="folds"):
-        train_kfold_boosters(x, y, np.where(folds == 0, -1, folds), small_config(), seed=0)
+        fold_features(frame, emb, np.where(folds == 0, -1, folds), small_config(), seed=0)
+
+
+def test_fold_features_never_see_the_held_fold() -> None:
+    """The featurizer of fold k is fitted without fold k: changing the *other* rows of fold 0
+    (text embeddings, images, units) leaves row r's fold-0 features unchanged, while the same
+    change to fold-1 rows moves them (so the check can fail)."""
+    frame, emb = parsed_frame(N), embeddings(N)
+    folds = frame["fold"].to_numpy()
+    cfg = small_config()
+    r = int(np.flatnonzero(folds == 0)[0])
+
+    def features_of_r(rows: np.ndarray) -> np.ndarray:
+        changed_frame = frame.copy()
+        text, image = emb.text.copy(), emb.image.copy()
+        rng = np.random.default_rng(11)
+        text[rows] = rng.normal(size=text[rows].shape) * 5
+        image[rows] = rng.normal(size=image[rows].shape) * 5
+        changed_frame.loc[rows, "unit"] = "rare_unit"
+        changed = Embeddings(text, image, emb.image_mask)
+        sets = fold_features(changed_frame, changed, folds, cfg, seed=0)
+        position = int(np.flatnonzero(np.flatnonzero(folds == 0) == r)[0])
+        return sets[0].x_held.values[position]
+
+    baseline = features_of_r(np.array([], dtype=int))
+    fold0_others = np.setdiff1d(np.flatnonzero(folds == 0), [r])
+    np.testing.assert_array_equal(features_of_r(fold0_others), baseline)
+    assert not np.allclose(features_of_r(np.flatnonzero(folds == 1)), baseline, equal_nan=True)
 
 
 def test_predictor_save_load_gives_identical_predictions(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from pricefuse.models.train import (
     InputSpec,
     KFoldResult,
     SplitData,
+    train_fold,
     train_kfold,
 )
 
@@ -205,7 +206,14 @@ def test_stage_writes_outputs_and_logs_the_run(tmp_path: Path, monkeypatch) -> N
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     fusion = dataclasses.asdict(dataclasses.replace(CFG, epochs=4))
-    params = params_from_dict({"seed": 5, "fusion": fusion, "mlflow": {"experiment": "t"}})
+    params = params_from_dict(
+        {
+            "seed": 5,
+            "fusion": fusion,
+            "mlflow": {"experiment": "t"},
+            "neighbours": {"as_features": False},
+        }
+    )
     layout = Layout(params.data)
     train, test = synthetic(160, seed=5), synthetic(40, seed=6, with_target=False)
     _write_split(layout, "train", train)
@@ -244,3 +252,31 @@ def test_stage_writes_outputs_and_logs_the_run(tmp_path: Path, monkeypatch) -> N
     logged = FusionPredictor.load(local)
     again = logged.predict(test.frame, test.text, test.image, test.image_mask)
     np.testing.assert_array_equal(again, test_pred["fusion"].to_numpy())
+
+
+def test_left_out_modalities_cannot_move_the_prediction() -> None:
+    """A head trained on text only gives the same prediction whatever the image, unit and
+    numeric inputs; trained on tabular only, whatever the text; the neighbour columns count as
+    tabular inputs."""
+    train, valid = synthetic(120, seed=1), synthetic(30, seed=2)
+    rng = np.random.default_rng(0)
+    for data in (train, valid):
+        data.frame["nbr_tfidf_name_mean"] = data.target + rng.normal(0, 0.1, len(data))
+    text_only = dataclasses.replace(CFG, epochs=2, modalities=("text",))
+    model, _ = train_fold(train, valid, text_only, seed=0)
+    assert model.spec.extra_numeric == ("nbr_tfidf_name_mean",)
+    changed_frame = valid.frame.copy()
+    changed_frame["unit"] = "count"
+    changed_frame["nbr_tfidf_name_mean"] = 0.0
+    changed_frame["value"] = 999.0
+    changed = SplitData(changed_frame, valid.text, valid.image * 3 + 1, ~valid.image_mask)
+    np.testing.assert_allclose(model.predict(changed), model.predict(valid), rtol=1e-6)
+
+    tabular_only = dataclasses.replace(CFG, epochs=2, modalities=("tabular",))
+    model, _ = train_fold(train, valid, tabular_only, seed=0)
+    other_text = SplitData(valid.frame, valid.text * -2, valid.image, valid.image_mask)
+    np.testing.assert_allclose(model.predict(other_text), model.predict(valid), rtol=1e-6)
+    moved = valid.frame.copy()
+    moved["nbr_tfidf_name_mean"] = moved["nbr_tfidf_name_mean"] + 3.0
+    shifted = SplitData(moved, valid.text, valid.image, valid.image_mask)
+    assert not np.allclose(model.predict(shifted), model.predict(valid))

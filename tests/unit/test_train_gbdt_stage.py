@@ -45,7 +45,12 @@ def write_inputs(layout: Layout, n_train: int = 150, n_test: int = 20) -> None:
 def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     monkeypatch.chdir(tmp_path)
     gbdt = {"n_estimators": 40, "learning_rate": 0.2, "early_stopping_rounds": 10}
-    params = params_from_dict({"gbdt": {**gbdt, "text_pca": 3, "image_pca": 2, "max_bin": 63}})
+    params = params_from_dict(
+        {
+            "gbdt": {**gbdt, "text_pca": 3, "image_pca": 2, "max_bin": 63},
+            "neighbours": {"as_features": False},
+        }
+    )
     write_inputs(Layout(params.data))
     return params
 
@@ -85,7 +90,7 @@ def test_stage_writes_predictions_models_and_logs_the_run(params: Params) -> Non
     assert run.data.tags["upstream.embed"] == "embed-run-id"
     client = mlflow.MlflowClient()
     model_files = {f.path for f in client.list_artifacts(run.info.run_id, "gbdt_model")}
-    assert {"gbdt_model/gbdt.json", "gbdt_model/featurizer.joblib"} <= model_files
+    assert {"gbdt_model/gbdt.json", "gbdt_model/featurizer_0.joblib"} <= model_files
     assert {f"gbdt_model/{b}" for b in BOOSTERS} <= model_files
     plots = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "plots")}
     assert {f"train_gbdt_{b}_importance.png" for b in BOOSTERS} <= plots
@@ -99,7 +104,7 @@ def test_stage_writes_predictions_models_and_logs_the_run(params: Params) -> Non
 def test_misaligned_embeddings_stop_the_stage_with_a_clear_error(params: Params) -> None:
     layout = Layout(params.data)
     np.save(layout.text_embeddings("train"), np.zeros((7, 4), dtype=np.float32))
-    with pytest.raises(StageError, match="embeddings are inconsistent"):
+    with pytest.raises(StageError, match="embedding rows"):
         train_gbdt.run(params)
 
 

@@ -6,8 +6,9 @@ pack count that the fusion network smooths over, but they cannot use a 384-d emb
 few tens of thousands of rows. PCA keeps most of the embedding signal at a size trees handle; the
 explicit parsed fields carry the rest.
 
-Everything fitted here (category vocabularies, PCA bases) is fitted on train rows only and is
-deterministic given the seed, so OOF, test and served predictions see the same features.
+Everything fitted here (category vocabularies, PCA bases) is fitted on the training rows of a
+fold only (see models.gbdt.fold_features) and is deterministic given the seed, so a held-out row,
+a test row and a served row are featurized the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 # boosters loaded later; so the default is set before sklearn is first imported (lazily, below).
 compat.apply_env_defaults()
 
+# Columns taken as they are when the table has them: neighbour-price features
+# (pricefuse.features.neighbours) and stacked member predictions (`member_<name>`, log1p).
+EXTRA_PREFIXES = ("nbr_", "member_")
 # Parsed columns used as they are (numbers and 0/1 flags).
 NUMERIC_COLUMNS = (
     "value",
@@ -86,6 +90,10 @@ class Embeddings:
 
     def __len__(self) -> int:
         return len(self.text)
+
+    def take(self, rows: np.ndarray) -> Embeddings:
+        """The embeddings of a subset of rows (an index or boolean mask)."""
+        return Embeddings(self.text[rows], self.image[rows], np.asarray(self.image_mask)[rows])
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,7 @@ class TabularFeaturizer:
         self.compressor = EmbeddingCompressor(text_components, image_components, seed)
         self.vocabulary: dict[str, tuple[str, ...]] = {}
         self.names: tuple[str, ...] = ()
+        self.neighbour_columns: tuple[str, ...] = ()
 
     @property
     def categorical(self) -> tuple[int, ...]:
@@ -246,7 +255,14 @@ class TabularFeaturizer:
         }
         self.compressor.fit(emb)
         base = tuple(parsed_features(parsed.iloc[:0]).columns)
-        self.names = (*base, *CATEGORICAL_COLUMNS, "has_image", *self.compressor.names)
+        self.neighbour_columns = tuple(c for c in parsed.columns if c.startswith(EXTRA_PREFIXES))
+        self.names = (
+            *base,
+            *CATEGORICAL_COLUMNS,
+            "has_image",
+            *self.neighbour_columns,
+            *self.compressor.names,
+        )
         return self
 
     def transform(self, parsed: pd.DataFrame, emb: Embeddings) -> FeatureMatrix:
@@ -256,7 +272,13 @@ class TabularFeaturizer:
         base = parsed_features(parsed).to_numpy(dtype=np.float64)
         codes = [_categorical_codes(parsed[c], self.vocabulary[c]) for c in CATEGORICAL_COLUMNS]
         has_image = np.asarray(emb.image_mask, dtype=np.float64)
-        values = np.column_stack([base, *codes, has_image]).astype(np.float32)
+        neighbours = [
+            pd.to_numeric(parsed[c], errors="coerce").to_numpy(dtype=np.float64)
+            if c in parsed.columns
+            else np.full(len(parsed), np.nan)
+            for c in self.neighbour_columns
+        ]
+        values = np.column_stack([base, *codes, has_image, *neighbours]).astype(np.float32)
         values = np.hstack([values, self.compressor.transform(emb)])
         return FeatureMatrix(values, self.names, self.categorical)
 

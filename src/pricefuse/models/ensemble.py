@@ -1,14 +1,15 @@
-"""Blend member predictions in log space and correct them with nearest neighbours.
+"""Combine member predictions: a constrained log-space blend, or a stacked level-2 model.
 
 Why log space: every member regresses log1p(price); a weighted mean there is a weighted geometric
 mean of prices, which is what SMAPE (a relative error) rewards. Weights are fit on out-of-fold
 predictions only, so the blend never sees a prediction made by a model that trained on that row.
 
-Nearest-neighbour correction (top teams' trick for near-duplicate listings): the catalogue repeats
-the same product under different pack sizes and sellers, so the prices of the closest training
-items in embedding space carry information no single model captured. The corrected prediction is
-`(1 - alpha) * blend + alpha * knn_mean`, with `alpha` fit on OOF predictions where each row's
-neighbours come only from *other* folds (no leakage of its own price or of its fold-mates).
+Stacking: a level-2 model on the members' OOF predictions plus a few meta-features (has_image,
+text length, quantity kind) can weigh members differently per kind of row, which one global blend
+cannot. Its own OOF predictions come from nested folds (fit on the other folds' OOF rows), so the
+comparison with the blend is honest; the ensemble keeps whichever scores better and logs both.
+(The earlier nearest-neighbour correction is now the `knn` member: a blend weight on it is the
+same correction, fit together with every other weight.)
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.optimize import minimize
 
 from pricefuse.metrics import smape
@@ -99,116 +102,213 @@ def fit_blend_weights(
     )
 
 
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    v = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(v, axis=1, keepdims=True)
-    return v / np.maximum(norms, 1e-12)
+STATE_FILE = "ensemble.json"
+STACKERS = ("ridge", "lightgbm")
+QUANTITY_KINDS = ("mass", "volume", "count", "length", "area", "other")
+META_FEATURES = ("has_image", "log_text_len", *(f"kind_{k}" for k in QUANTITY_KINDS))
 
 
-def knn_mean(
-    queries: np.ndarray,
-    keys: np.ndarray,
-    key_values: np.ndarray,
-    k: int,
-    query_groups: np.ndarray | None = None,
-    key_groups: np.ndarray | None = None,
-    chunk: int = 2048,
-) -> np.ndarray:
-    """Similarity-weighted mean of the values of each query's k most cosine-similar keys.
+def meta_features(parsed: pd.DataFrame, image_mask: np.ndarray) -> np.ndarray:
+    """(n, len(META_FEATURES)): has an image, log text length, one-hot quantity kind.
 
-    When groups are given, a key in the same group as the query is never a neighbour (used for
-    out-of-fold neighbours: group = fold).
+    Nothing here is fitted (the kinds are the parser's fixed set), so the same rows give the same
+    meta-features in training, test and serving.
     """
-    q = _normalise(queries)
-    kv = _normalise(keys)
-    values = np.asarray(key_values, dtype=np.float64)
-    k = int(min(k, len(kv)))
-    if k < 1:
-        raise ValueError("knn_mean needs at least one key")
-    out = np.empty(len(q), dtype=np.float64)
-    for start in range(0, len(q), chunk):
-        sims = q[start : start + chunk] @ kv.T
-        if query_groups is not None and key_groups is not None:
-            same = query_groups[start : start + chunk, None] == key_groups[None, :]
-            sims = np.where(same, -np.inf, sims)
-        idx = np.argpartition(-sims, kth=k - 1, axis=1)[:, :k]
-        top = np.take_along_axis(sims, idx, axis=1)
-        weights = np.where(np.isfinite(top), np.maximum(top, 0.0) + 1e-6, 0.0)
-        neighbour_values = values[idx]
-        total = weights.sum(axis=1)
-        fallback = values.mean()
-        out[start : start + chunk] = np.where(
-            total > 0, (weights * neighbour_values).sum(axis=1) / np.maximum(total, 1e-12), fallback
-        )
+    text_len = pd.to_numeric(parsed["text_len"], errors="coerce").fillna(0.0).to_numpy()
+    kinds = parsed["quantity_kind"].astype(str).to_numpy()
+    columns = [np.asarray(image_mask, dtype=np.float64), np.log1p(np.clip(text_len, 0.0, None))]
+    columns += [(kinds == kind).astype(np.float64) for kind in QUANTITY_KINDS]
+    return np.column_stack(columns)
+
+
+class Stacker:
+    """A level-2 regressor on [member log predictions, meta-features] -> log1p price.
+
+    `ridge`: a ridge regression (coefficients saved as JSON). `lightgbm`: a small, heavily
+    regularised LightGBM (saved in its text format). Neither is pickled.
+    """
+
+    def __init__(self, kind: str, alpha: float, seed: int, model: Any = None) -> None:
+        if kind not in STACKERS:
+            raise ValueError(f"unknown stacker {kind!r}; known: {', '.join(STACKERS)}")
+        self.kind, self.alpha, self.seed, self.model = kind, alpha, seed, model
+
+    def fit(self, x: np.ndarray, y_log: np.ndarray) -> Stacker:
+        if self.kind == "ridge":
+            from sklearn.linear_model import Ridge
+
+            ridge = Ridge(alpha=self.alpha).fit(x, y_log)
+            self.model = {"coef": ridge.coef_.tolist(), "intercept": float(ridge.intercept_)}
+        else:
+            import lightgbm as lgb
+
+            params = {
+                "objective": "huber",
+                "alpha": 1.0,
+                "learning_rate": 0.03,
+                "num_leaves": 7,
+                "min_child_samples": 50,
+                "lambda_l2": 10.0,
+                "seed": self.seed,
+                "deterministic": True,
+                "num_threads": 1,
+                "verbosity": -1,
+            }
+            self.model = lgb.train(params, lgb.Dataset(x, y_log), num_boost_round=300)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("stacker used before fit or load")
+        if self.kind == "ridge":
+            return (
+                np.asarray(x, np.float64) @ np.asarray(self.model["coef"]) + self.model["intercept"]
+            )
+        return np.asarray(self.model.predict(x), dtype=np.float64)
+
+    def to_json(self, directory: Path) -> dict[str, Any]:
+        if self.kind == "ridge":
+            return {"kind": self.kind, "alpha": self.alpha, **self.model}
+        path = directory / "stacker_lightgbm.txt"
+        self.model.save_model(str(path))
+        return {"kind": self.kind, "alpha": self.alpha, "file": path.name}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], directory: Path) -> Stacker:
+        if raw["kind"] == "ridge":
+            model = {"coef": raw["coef"], "intercept": raw["intercept"]}
+        else:
+            import lightgbm as lgb
+
+            model = lgb.Booster(model_file=str(directory / raw["file"]))
+        return cls(raw["kind"], float(raw["alpha"]), 0, model)
+
+
+def stack_inputs(members: np.ndarray, meta: np.ndarray) -> np.ndarray:
+    return np.hstack([np.asarray(members, np.float64), np.asarray(meta, np.float64)])
+
+
+def stacker_oof(
+    kind: str, x: np.ndarray, y_log: np.ndarray, folds: np.ndarray, alpha: float, seed: int
+) -> np.ndarray:
+    """Honest OOF predictions of a stacker: fold k's rows from a stacker fit on the others."""
+    out = np.zeros(len(y_log))
+    for k in np.unique(folds):
+        held = folds == k
+        out[held] = Stacker(kind, alpha, seed).fit(x[~held], y_log[~held]).predict(x[held])
     return out
 
 
-@dataclass(frozen=True)
-class KnnCorrection:
-    k: int
-    alpha: float
-
-    def apply(self, blended: np.ndarray, neighbour_mean: np.ndarray) -> np.ndarray:
-        return (1.0 - self.alpha) * np.asarray(blended) + self.alpha * np.asarray(neighbour_mean)
-
-
-def fit_knn_alpha(
-    blended_oof: np.ndarray, neighbour_mean_oof: np.ndarray, y_log: np.ndarray, k: int
-) -> KnnCorrection:
-    """Grid-search the mixing weight alpha in [0, 1] on OOF SMAPE (0 = no correction)."""
-    y = np.expm1(np.asarray(y_log, dtype=np.float64))
-    grid = np.round(np.linspace(0.0, 1.0, 41), 3)
-    scores = [smape(y, to_price((1 - a) * blended_oof + a * neighbour_mean_oof)) for a in grid]
-    return KnnCorrection(k=k, alpha=float(grid[int(np.argmin(scores))]))
-
-
-@dataclass(frozen=True)
+@dataclass
 class EnsembleState:
-    """Everything needed to turn member predictions into final prices (saved as JSON + NPZ)."""
+    """Everything needed to turn member predictions into final log prices (JSON, + LightGBM
+    text when that stacker won). `method` is "blend" or a stacker kind."""
 
     blend: BlendWeights
-    knn: KnnCorrection | None
+    method: str = "blend"
+    stacker: Stacker | None = None
 
-    def save(
-        self, directory: Path | str, knn_keys: np.ndarray | None, knn_values: np.ndarray | None
-    ) -> None:
+    @property
+    def members(self) -> tuple[str, ...]:
+        return self.blend.members
+
+    def save(self, directory: Path | str) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        payload = {"blend": asdict(self.blend), "knn": asdict(self.knn) if self.knn else None}
-        (directory / "ensemble.json").write_text(json.dumps(payload, indent=2) + "\n")
-        if self.knn is not None:
-            if knn_keys is None or knn_values is None:
-                raise ValueError("KNN correction needs its keys and values saved")
-            np.savez_compressed(
-                directory / "knn_index.npz",
-                keys=_normalise(knn_keys).astype(np.float16),
-                values=np.asarray(knn_values, dtype=np.float32),
-            )
+        payload: dict[str, Any] = {"method": self.method, "blend": asdict(self.blend)}
+        if self.stacker is not None:
+            payload["stacker"] = self.stacker.to_json(directory)
+        path = directory / STATE_FILE
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        return path
 
     @staticmethod
-    def load(directory: Path | str) -> tuple[EnsembleState, np.ndarray | None, np.ndarray | None]:
+    def load(directory: Path | str) -> EnsembleState:
         directory = Path(directory)
-        payload = json.loads((directory / "ensemble.json").read_text())
+        payload = json.loads((directory / STATE_FILE).read_text())
         b = payload["blend"]
         weights = BlendWeights(tuple(b["members"]), tuple(b["weights"]), float(b["shift"]))
-        knn = KnnCorrection(**payload["knn"]) if payload["knn"] else None
-        keys = values = None
-        if knn is not None:
-            data = np.load(directory / "knn_index.npz")
-            keys, values = data["keys"].astype(np.float32), data["values"].astype(np.float64)
-        return EnsembleState(weights, knn), keys, values
+        stacker = payload.get("stacker")
+        return EnsembleState(
+            weights,
+            payload.get("method", "blend"),
+            Stacker.from_json(stacker, directory) if stacker else None,
+        )
 
-    def predict_log(
-        self,
-        members: np.ndarray,
-        queries: np.ndarray | None,
-        keys: np.ndarray | None,
-        values: np.ndarray | None,
-    ) -> np.ndarray:
-        """Final log1p predictions for member columns ordered as `self.blend.members`."""
-        blended = self.blend.apply(members)
-        if self.knn is None or self.knn.alpha == 0.0:
-            return blended
-        if queries is None or keys is None or values is None:
-            raise ValueError("KNN correction needs query embeddings and the saved index")
-        return self.knn.apply(blended, knn_mean(queries, keys, values, self.knn.k))
+    def predict_log(self, members: np.ndarray, meta: np.ndarray) -> np.ndarray:
+        """Final log1p predictions for member columns ordered as `self.members`."""
+        if self.method == "blend" or self.stacker is None:
+            return self.blend.apply(members)
+        return self.stacker.predict(stack_inputs(members, meta))
+
+
+@dataclass
+class EnsembleFit:
+    """What `fit_ensemble` returns: the state to save, its OOF predictions and the metrics."""
+
+    state: EnsembleState
+    oof: np.ndarray
+    metrics: dict[str, float]
+
+
+def fit_ensemble(
+    members_oof: np.ndarray,
+    names: Sequence[str],
+    y_log: np.ndarray,
+    folds: np.ndarray,
+    meta: np.ndarray,
+    stackers: Sequence[str],
+    alpha: float,
+    seed: int,
+) -> EnsembleFit:
+    """Fit the blend and every configured stacker on OOF rows; keep the best on OOF SMAPE.
+
+    Metrics: `smape_oof_<member>`, `smape_oof_mean` (equal weights), `smape_oof_blend`,
+    `smape_oof_stack_<kind>`, `weight_<member>`, `blend_shift`, and `smape_oof` / `smape_fold_k`
+    of the kept method.
+    """
+    x = np.asarray(members_oof, dtype=np.float64)
+    y_log = np.asarray(y_log, dtype=np.float64)
+    y = np.expm1(y_log)
+    folds = np.asarray(folds)
+    metrics: dict[str, float] = {}
+    for i, name in enumerate(names):
+        metrics[f"smape_oof_{name}"] = smape(y, to_price(x[:, i]))
+    equal = np.full(len(names), 1.0 / len(names))
+    metrics["smape_oof_mean"] = smape(y, to_price(blend(x, equal)))
+    weights = fit_blend_weights(x, y_log, names)
+    candidates = {"blend": weights.apply(x)}
+    metrics["smape_oof_blend"] = smape(y, to_price(candidates["blend"]))
+    for name, w in zip(names, weights.weights, strict=True):
+        metrics[f"weight_{name}"] = w
+    metrics["blend_shift"] = weights.shift
+    inputs = stack_inputs(x, meta)
+    for kind in stackers:
+        candidates[kind] = stacker_oof(kind, inputs, y_log, folds, alpha, seed)
+        metrics[f"smape_oof_stack_{kind}"] = smape(y, to_price(candidates[kind]))
+    scores = {m: smape(y, to_price(p)) for m, p in candidates.items()}
+    method = min(scores, key=lambda m: scores[m])
+    stacker = None if method == "blend" else Stacker(method, alpha, seed).fit(inputs, y_log)
+    oof = candidates[method]
+    metrics["smape_oof"] = scores[method]
+    for k in sorted(set(folds.tolist())):
+        held = folds == k
+        metrics[f"smape_fold_{k}"] = smape(y[held], to_price(oof[held]))
+    return EnsembleFit(EnsembleState(weights, method, stacker), oof, metrics)
+
+
+def leave_one_out(
+    members_oof: np.ndarray, names: Sequence[str], y_log: np.ndarray
+) -> dict[str, float]:
+    """OOF SMAPE of the fitted blend without each member in turn (what each member adds)."""
+    x = np.asarray(members_oof, dtype=np.float64)
+    y = np.expm1(np.asarray(y_log, dtype=np.float64))
+    out: dict[str, float] = {}
+    if len(names) < 2:
+        return out
+    for i, name in enumerate(names):
+        keep = [j for j in range(len(names)) if j != i]
+        rest = [names[j] for j in keep]
+        weights = fit_blend_weights(x[:, keep], y_log, rest)
+        out[name] = smape(y, to_price(weights.apply(x[:, keep])))
+    return out

@@ -4,8 +4,11 @@ Why three boosters: they split categoricals, missing values and leaves different
 errors are only partly correlated and the ensemble gains from each. Why one interface: the
 fold loop, the saved layout and the serving path are written once and cannot drift per booster.
 
-Every booster trains on log1p(price) with squared error and early-stops on the held-out fold of
-the fold loop. Picking one number (the best iteration) on the fold that is then scored biases
+Every booster trains on log1p(price) and early-stops on the held-out fold of the fold loop. The
+loss is `gbdt.objective`: squared error, or Huber with `huber_delta` (default). Why Huber: SMAPE
+is close to the absolute error of log prices, so mispriced listings should pull the trees less
+than squared error lets them.
+Picking one number (the best iteration) on the fold that is then scored biases
 OOF SMAPE slightly optimistic; with patience `early_stopping_rounds` the effect is small and it
 keeps all training rows for fitting, which matters more on small data.
 """
@@ -32,7 +35,6 @@ from pricefuse.metrics import smape_from_log
 compat.apply_env_defaults()
 
 MANIFEST = "gbdt.json"
-FEATURIZER_FILE = "featurizer.joblib"
 
 
 def available_cores() -> int:
@@ -130,6 +132,33 @@ class _NativeBooster:
         return path
 
 
+OBJECTIVES = ("l2", "huber")
+
+
+def _check_objective(cfg: GbdtConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"gbdt.objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+
+
+def _lightgbm_objective(cfg: GbdtConfig) -> dict[str, Any]:
+    _check_objective(cfg)
+    if cfg.objective == "huber":
+        return {"objective": "huber", "alpha": cfg.huber_delta}
+    return {"objective": "regression"}
+
+
+def _xgboost_objective(cfg: GbdtConfig) -> dict[str, Any]:
+    _check_objective(cfg)
+    if cfg.objective == "huber":
+        return {"objective": "reg:pseudohubererror", "huber_slope": cfg.huber_delta}
+    return {"objective": "reg:squarederror"}
+
+
+def _catboost_loss(cfg: GbdtConfig) -> str:
+    _check_objective(cfg)
+    return f"Huber:delta={cfg.huber_delta}" if cfg.objective == "huber" else "RMSE"
+
+
 class LightGBMBooster(_NativeBooster):
     """LightGBM with native categorical splits on the unit / quantity-kind codes."""
 
@@ -152,7 +181,7 @@ class LightGBMBooster(_NativeBooster):
 
         cfg, own = options.cfg, options.cfg.lightgbm
         params = {
-            "objective": "regression",
+            **_lightgbm_objective(cfg),
             "learning_rate": cfg.learning_rate,
             "num_leaves": own.num_leaves,
             "min_child_samples": own.min_child_samples,
@@ -236,7 +265,7 @@ class XGBoostBooster(_NativeBooster):
 
         cfg, own = options.cfg, options.cfg.xgboost
         params = {
-            "objective": "reg:squarederror",
+            **_xgboost_objective(cfg),
             "eta": cfg.learning_rate,
             "max_depth": own.max_depth,
             "subsample": own.subsample,
@@ -309,7 +338,7 @@ class CatBoostBooster(_NativeBooster):
             learning_rate=cfg.learning_rate,
             depth=cfg.catboost.depth,
             border_count=cfg.max_bin,
-            loss_function="RMSE",
+            loss_function=_catboost_loss(cfg),
             random_seed=options.seed,
             thread_count=options.n_jobs,
             od_type="Iter",
@@ -382,55 +411,116 @@ class KFoldResult:
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     best_iterations: dict[str, list[int]] = field(default_factory=dict)
     models: dict[str, list[Booster]] = field(default_factory=dict)
+    offsets: list[float] = field(default_factory=list)
 
 
-def train_kfold_boosters(
-    x: FeatureMatrix,
-    y: np.ndarray,
+@dataclass(frozen=True)
+class FoldFeatures:
+    """One fold's feature matrices, all built by a featurizer fitted on that fold's training rows.
+
+    Why per fold: the featurizer fits PCA bases and category vocabularies. Fitted on every train
+    row, it would let each OOF prediction see its own fold through them; fitted on the other
+    folds, held rows are featurized exactly as test rows are.
+    """
+
+    fold: int
+    held: np.ndarray  # boolean mask of the fold's rows
+    featurizer: TabularFeaturizer
+    x_fit: FeatureMatrix
+    x_held: FeatureMatrix
+    x_test: FeatureMatrix | None = None
+
+
+def fold_features(
+    train: pd.DataFrame,
+    emb: Embeddings,
     folds: np.ndarray,
     cfg: GbdtConfig,
     seed: int,
-    x_test: FeatureMatrix | None = None,
+    test: pd.DataFrame | None = None,
+    test_emb: Embeddings | None = None,
+) -> list[FoldFeatures]:
+    """Per fold: fit the featurizer on the other folds, featurize fit, held and test rows."""
+    if (test is None) != (test_emb is None):
+        raise ValueError("pass both the test table and its embeddings, or neither")
+    folds = np.asarray(folds)
+    if len(folds) != len(train):
+        raise ValueError(f"rows differ: table {len(train)}, folds {len(folds)}")
+    fold_ids = tuple(int(k) for k in np.unique(folds))
+    if len(fold_ids) < 2 or (folds < 0).any():
+        raise ValueError(f"need >= 2 folds and every train row in one; got folds {fold_ids}")
+    out = []
+    for k in fold_ids:
+        held = folds == k
+        fit_rows, fit_emb = train[~held], emb.take(~held)
+        featurizer = TabularFeaturizer(cfg.text_pca, cfg.image_pca, seed).fit(fit_rows, fit_emb)
+        x_test = None
+        if test is not None and test_emb is not None:
+            x_test = featurizer.transform(test, test_emb)
+        out.append(
+            FoldFeatures(
+                k,
+                held,
+                featurizer,
+                featurizer.transform(fit_rows, fit_emb),
+                featurizer.transform(train[held], emb.take(held)),
+                x_test,
+            )
+        )
+    return out
+
+
+def train_kfold_boosters(
+    fold_sets: Sequence[FoldFeatures],
+    y: np.ndarray,
+    cfg: GbdtConfig,
+    seed: int,
     n_jobs: int | None = None,
     on_fold_done: Callable[[str, int], None] | None = None,
 ) -> KFoldResult:
-    """Train every booster in `cfg.boosters` on the same folds (`folds[i]` = fold of row i).
+    """Train every booster in `cfg.boosters` on the given folds.
 
-    Each fold model trains on the other folds and early-stops on its own fold; its predictions on
-    that fold form the OOF column, and the test prediction is the mean over fold models.
+    Each fold model trains on its fold's `x_fit` and early-stops on `x_held`; its predictions on
+    the held rows form the OOF column, and the test prediction is the mean over fold models.
+    Targets are centred on the fold's training median (added back to predictions): with a
+    bounded-gradient loss such as Huber, trees that start from 0 would spend hundreds of rounds
+    just reaching the price level (XGBoost's pseudo-Huber never got there in 600).
     Importances are averaged over folds. `on_fold_done(booster, fold)` reports progress.
     """
     y = np.asarray(y, dtype=np.float64)
-    folds = np.asarray(folds)
-    if len(y) != len(x) or len(folds) != len(x):
-        raise ValueError(f"rows differ: features {len(x)}, targets {len(y)}, folds {len(folds)}")
+    if not fold_sets:
+        raise ValueError("no folds to train on")
     if not np.isfinite(y).all():
         raise ValueError("targets contain NaN or infinite values")
-    fold_ids = tuple(int(k) for k in np.unique(folds) if k >= 0)
-    if len(fold_ids) < 2 or (folds < 0).any():
-        raise ValueError(f"need >= 2 folds and every train row in one; got folds {fold_ids}")
+    covered = np.sum([f.held for f in fold_sets], axis=0)
+    if len(fold_sets) < 2 or len(covered) != len(y) or not (covered == 1).all():
+        raise ValueError("need >= 2 folds and every train row in exactly one")
     options = FitOptions(cfg, seed, n_jobs or available_cores())
     lo, hi = clip_range(y)
-    result = KFoldResult(tuple(x.names), fold_ids, (lo, hi))
+    names = fold_sets[0].x_fit.names
+    with_test = all(f.x_test is not None for f in fold_sets)
+    result = KFoldResult(tuple(names), tuple(f.fold for f in fold_sets), (lo, hi))
+    result.offsets = [float(np.median(y[~part.held])) for part in fold_sets]
     for name in cfg.boosters:
         cls = booster_class(name)
         oof = np.zeros(len(y))
-        test_sum = np.zeros(len(x_test)) if x_test is not None else None
+        test_sum = None
         models: list[Booster] = []
-        for k in fold_ids:
-            held = folds == k
-            model = cls().fit(x.take(~held), y[~held], x.take(held), y[held], options)
-            oof[held] = np.clip(model.predict(x.take(held)), lo, hi)
-            if test_sum is not None and x_test is not None:
-                test_sum += np.clip(model.predict(x_test), lo, hi)
-            result.fold_smape.setdefault(name, {})[k] = smape_from_log(y[held], oof[held])
+        for part, offset in zip(fold_sets, result.offsets, strict=True):
+            held = part.held
+            model = cls().fit(part.x_fit, y[~held] - offset, part.x_held, y[held] - offset, options)
+            oof[held] = np.clip(model.predict(part.x_held) + offset, lo, hi)
+            if with_test and part.x_test is not None:
+                pred = np.clip(model.predict(part.x_test) + offset, lo, hi)
+                test_sum = pred if test_sum is None else test_sum + pred
+            result.fold_smape.setdefault(name, {})[part.fold] = smape_from_log(y[held], oof[held])
             models.append(model)
             if on_fold_done is not None:
-                on_fold_done(name, k)
+                on_fold_done(name, part.fold)
         result.oof[name] = oof
         result.oof_smape[name] = smape_from_log(y, oof)
         if test_sum is not None:
-            result.test[name] = test_sum / len(fold_ids)
+            result.test[name] = test_sum / len(fold_sets)
         result.importance[name] = np.mean([m.feature_importance() for m in models], axis=0)
         result.best_iterations[name] = [m.best_iteration for m in models]
         result.models[name] = models
@@ -438,35 +528,32 @@ def train_kfold_boosters(
 
 
 class GbdtPredictor:
-    """The fitted featurizer plus every booster's fold models: what serving loads and calls.
+    """Each fold's fitted featurizer and booster models: what serving loads and calls.
 
-    On disk (`model_dir`): `gbdt.json` (manifest), `featurizer.joblib`, and
-    `<booster>/fold_<k><suffix>` native model files.
+    On disk (`model_dir`): `gbdt.json` (manifest), `featurizer_<k>.joblib`, and
+    `<booster>/fold_<k><suffix>` native model files. A row's prediction is the mean over folds of
+    fold k's boosters on fold k's features.
     """
 
     def __init__(
         self,
-        featurizer: TabularFeaturizer,
+        featurizers: Sequence[TabularFeaturizer],
         models: Mapping[str, Sequence[Booster]],
         clip: tuple[float, float],
+        offsets: Sequence[float],
     ) -> None:
-        if not models or any(len(m) == 0 for m in models.values()):
-            raise ValueError("GbdtPredictor needs at least one fold model per booster")
-        self.featurizer = featurizer
+        if not models or any(len(m) != len(featurizers) for m in models.values()):
+            raise ValueError("GbdtPredictor needs one model per fold featurizer for each booster")
+        if len(offsets) != len(featurizers):
+            raise ValueError("GbdtPredictor needs one target offset per fold")
+        self.offsets = [float(v) for v in offsets]
+        self.featurizers = list(featurizers)
         self.models = {name: list(fold_models) for name, fold_models in models.items()}
         self.clip = (float(clip[0]), float(clip[1]))
 
     @property
     def boosters(self) -> tuple[str, ...]:
         return tuple(self.models)
-
-    def predict_features(self, x: FeatureMatrix) -> dict[str, np.ndarray]:
-        """Booster name -> log1p price, mean over fold models, clipped to the training range."""
-        lo, hi = self.clip
-        return {
-            name: np.mean([np.clip(m.predict(x), lo, hi) for m in fold_models], axis=0)
-            for name, fold_models in self.models.items()
-        }
 
     def predict(
         self,
@@ -477,12 +564,26 @@ class GbdtPredictor:
     ) -> dict[str, np.ndarray]:
         """Booster name -> log1p price per row of `parsed_df` (embeddings aligned by row)."""
         emb = Embeddings(text_emb, image_emb, np.asarray(image_mask, dtype=bool))
-        return self.predict_features(self.featurizer.transform(parsed_df, emb))
+        lo, hi = self.clip
+        sums = {name: np.zeros(len(parsed_df)) for name in self.models}
+        for k, featurizer in enumerate(self.featurizers):
+            x = featurizer.transform(parsed_df, emb)
+            for name, fold_models in self.models.items():
+                sums[name] += np.clip(fold_models[k].predict(x) + self.offsets[k], lo, hi)
+        return {name: total / len(self.featurizers) for name, total in sums.items()}
+
+    def predict_members(self, batch: Any) -> dict[str, np.ndarray]:
+        """The registry's serving interface (see pricefuse.members)."""
+        return self.predict(batch.parsed, batch.text, batch.image, batch.image_mask)
 
     def save(self, model_dir: Path | str) -> Path:
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
-        self.featurizer.save(model_dir / FEATURIZER_FILE)
+        featurizer_files = []
+        for k, featurizer in enumerate(self.featurizers):
+            name = f"featurizer_{k}.joblib"
+            featurizer.save(model_dir / name)
+            featurizer_files.append(name)
         files: dict[str, list[str]] = {}
         for name, fold_models in self.models.items():
             (model_dir / name).mkdir(exist_ok=True)
@@ -492,9 +593,10 @@ class GbdtPredictor:
                 model.save(model_dir / relative)
                 files[name].append(relative)
         manifest = {
-            "featurizer": FEATURIZER_FILE,
+            "featurizers": featurizer_files,
             "clip": list(self.clip),
-            "feature_names": list(self.featurizer.names),
+            "offsets": self.offsets,
+            "feature_names": list(self.featurizers[0].names),
             "models": files,
         }
         (model_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -507,12 +609,12 @@ class GbdtPredictor:
         if not manifest_path.exists():
             raise FileNotFoundError(f"{manifest_path} not found: not a saved GbdtPredictor")
         manifest = json.loads(manifest_path.read_text())
-        featurizer = TabularFeaturizer.load(model_dir / manifest["featurizer"])
+        featurizers = [TabularFeaturizer.load(model_dir / f) for f in manifest["featurizers"]]
         models = {
             name: [booster_class(name).load(model_dir / rel) for rel in relatives]
             for name, relatives in manifest["models"].items()
         }
-        return cls(featurizer, models, tuple(manifest["clip"]))
+        return cls(featurizers, models, tuple(manifest["clip"]), manifest["offsets"])
 
 
 @dataclass
@@ -535,11 +637,9 @@ def fit_gbdt(
     n_jobs: int | None = None,
     on_fold_done: Callable[[str, int], None] | None = None,
 ) -> GbdtFit:
-    """Fit the featurizer on train, then every booster on the given folds."""
-    if (test is None) != (test_emb is None):
-        raise ValueError("pass both the test table and its embeddings, or neither")
-    featurizer = TabularFeaturizer(cfg.text_pca, cfg.image_pca, seed).fit(train, train_emb)
-    x = featurizer.transform(train, train_emb)
-    x_test = None if test is None or test_emb is None else featurizer.transform(test, test_emb)
-    kfold = train_kfold_boosters(x, y, folds, cfg, seed, x_test, n_jobs, on_fold_done)
-    return GbdtFit(GbdtPredictor(featurizer, kfold.models, kfold.clip), kfold)
+    """Per fold: fit the featurizer on the other folds, then every booster (see FoldFeatures)."""
+    fold_sets = fold_features(train, train_emb, folds, cfg, seed, test, test_emb)
+    kfold = train_kfold_boosters(fold_sets, y, cfg, seed, n_jobs, on_fold_done)
+    featurizers = [f.featurizer for f in fold_sets]
+    predictor = GbdtPredictor(featurizers, kfold.models, kfold.clip, kfold.offsets)
+    return GbdtFit(predictor, kfold)

@@ -59,6 +59,12 @@ NUMERIC_FEATURES = (
     "log_n_bullets",
     "log_text_len",
 )
+# What the ablation can leave out: text embedding, image embedding, tabular (unit + numeric,
+# neighbour features included).
+MODALITY_GROUPS = ("text", "image", "tabular")
+# Numeric columns taken as they are when the table has them: neighbour-price features and
+# stacked member predictions (both in log-price units).
+EXTRA_PREFIXES = ("nbr_", "member_")
 UNIT_COLUMN = "unit"
 TARGET_COLUMN = "log_price"
 FOLD_COLUMN = "fold"
@@ -129,8 +135,11 @@ class SplitData:
         return target
 
 
-def numeric_matrix(data: SplitData) -> np.ndarray:
-    """Raw numeric features (n, len(NUMERIC_FEATURES)), NaN where a value is missing.
+def numeric_matrix(data: SplitData, extra: Sequence[str] = ()) -> np.ndarray:
+    """Raw numeric features (n, len(NUMERIC_FEATURES) + len(extra)), NaN where a value is missing.
+
+    `extra` names further numeric columns of the parsed table taken as they are (the neighbour
+    features, already in log-price units); a column the table lacks is all NaN.
 
     Counts and sizes enter in log space: price scales roughly multiplicatively with them.
     `has_image` comes from the embedding mask, not the parsed column, because the mask is what
@@ -151,6 +160,7 @@ def numeric_matrix(data: SplitData) -> np.ndarray:
         np.log1p(np.clip(col("n_bullets"), 0.0, None)),
         np.log1p(np.clip(col("text_len"), 0.0, None)),
     ]
+    columns += [col(c) if c in f.columns else np.full(len(f), np.nan) for c in extra]
     return np.column_stack(columns)
 
 
@@ -195,12 +205,21 @@ class InputSpec:
     text_dim: int
     image_dim: int
     log_price_range: tuple[float, float]
+    extra_numeric: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = MODALITY_GROUPS
 
     @classmethod
-    def fit(cls, data: SplitData) -> InputSpec:
+    def fit(cls, data: SplitData, modalities: Sequence[str] = MODALITY_GROUPS) -> InputSpec:
+        unknown = sorted(set(modalities) - set(MODALITY_GROUPS))
+        if unknown or not modalities:
+            raise ValueError(
+                f"fusion.modalities must be a non-empty subset of {MODALITY_GROUPS}, got "
+                f"{tuple(modalities)}"
+            )
+        extra = tuple(c for c in data.frame.columns if c.startswith(EXTRA_PREFIXES))
         counts = data.frame[UNIT_COLUMN].dropna().astype(str).value_counts()
         units = tuple(sorted(u for u, c in counts.items() if c >= MIN_UNIT_COUNT and u != UNK))
-        raw = numeric_matrix(data)
+        raw = numeric_matrix(data, extra)
         with np.errstate(all="ignore"):
             mean = np.nan_to_num(np.nanmean(raw, axis=0), nan=0.0)
             std = np.nan_to_num(np.nanstd(raw, axis=0), nan=1.0)
@@ -215,7 +234,13 @@ class InputSpec:
             text_dim=int(data.text.shape[1]),
             image_dim=int(data.image.shape[1]),
             log_price_range=(lo, hi),
+            extra_numeric=extra,
+            modalities=tuple(m for m in MODALITY_GROUPS if m in modalities),
         )
+
+    @property
+    def n_numeric(self) -> int:
+        return len(NUMERIC_FEATURES) + len(self.extra_numeric)
 
     @property
     def n_units(self) -> int:
@@ -236,15 +261,25 @@ class InputSpec:
                 f"from the ones the model was trained on ({self.text_dim}, {self.image_dim}); "
                 "were the embeddings made with other encoders?"
             )
-        numeric = (numeric_matrix(data) - np.asarray(self.numeric_mean)) / np.asarray(
-            self.numeric_std
-        )
+        numeric = (
+            numeric_matrix(data, self.extra_numeric) - np.asarray(self.numeric_mean)
+        ) / np.asarray(self.numeric_std)
         numeric = np.nan_to_num(numeric, nan=0.0, posinf=0.0, neginf=0.0)
+        text, image, mask = data.text, data.image, np.asarray(data.image_mask, dtype=bool)
+        unit = self.unit_index(data.frame[UNIT_COLUMN])
+        # A left-out modality becomes a constant input: the head cannot learn anything from it,
+        # which is what the ablation measures (and serving repeats).
+        if "text" not in self.modalities:
+            text = np.zeros_like(text)
+        if "image" not in self.modalities:
+            mask = np.zeros_like(mask)
+        if "tabular" not in self.modalities:
+            numeric, unit = np.zeros_like(numeric), np.zeros_like(unit)
         return FusionInputs(
-            text=_tensor(data.text, np.float32),
-            image=_tensor(data.image, np.float32),
-            image_mask=_tensor(data.image_mask, np.bool_),
-            unit=_tensor(self.unit_index(data.frame[UNIT_COLUMN]), np.int64),
+            text=_tensor(text, np.float32),
+            image=_tensor(image, np.float32),
+            image_mask=_tensor(mask, np.bool_),
+            unit=_tensor(unit, np.int64),
             numeric=_tensor(numeric, np.float32),
         )
 
@@ -263,6 +298,8 @@ class InputSpec:
             text_dim=int(raw["text_dim"]),
             image_dim=int(raw["image_dim"]),
             log_price_range=(float(raw["log_price_range"][0]), float(raw["log_price_range"][1])),
+            extra_numeric=tuple(raw.get("extra_numeric", ())),
+            modalities=tuple(raw.get("modalities", MODALITY_GROUPS)),
         )
 
 
@@ -311,6 +348,10 @@ class FusionPredictor:
         """log1p price per row (fold-averaged, each fold's prediction clipped to its range)."""
         data = SplitData(parsed, text_emb, image_emb, image_mask)
         return np.mean([fold.predict(data) for fold in self.folds], axis=0)
+
+    def predict_members(self, batch: Any) -> dict[str, np.ndarray]:
+        """The registry's serving interface (see pricefuse.members)."""
+        return {"fusion": self.predict(batch.parsed, batch.text, batch.image, batch.image_mask)}
 
     def save(self, model_dir: Path | str) -> Path:
         """Write `predictor.json` (specs and architecture, readable) and `fold_k.pt` (weights)."""
@@ -418,7 +459,7 @@ def train_fold(
     fifth of the training data for a small correction.
     """
     torch_seed, rng = _seeds(seed, fold)
-    spec = InputSpec.fit(train)
+    spec = InputSpec.fit(train, cfg.modalities)
     train_inputs = spec.build(train)
     target = train.target
     valid_inputs = spec.build(valid)
@@ -430,7 +471,7 @@ def train_fold(
             text_dim=spec.text_dim,
             image_dim=spec.image_dim,
             n_units=spec.n_units,
-            n_numeric=len(NUMERIC_FEATURES),
+            n_numeric=spec.n_numeric,
             hidden=cfg.hidden,
             n_blocks=cfg.n_blocks,
             dropout=cfg.dropout,

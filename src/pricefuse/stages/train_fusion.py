@@ -20,6 +20,7 @@ from mlflow.entities import Metric
 from pricefuse import plots, tracking
 from pricefuse.config import Params
 from pricefuse.errors import StageError
+from pricefuse.inputs import load_rows
 from pricefuse.layout import FOLD, ID, PLOTS_DIR, Layout
 from pricefuse.models.train import (
     MANIFEST,
@@ -37,27 +38,11 @@ MODEL_ARTIFACT_PATH = "fusion_model"
 METRIC_BATCH = 1000
 
 
-def load_split(layout: Layout, split: str) -> SplitData:
-    """The parsed table and its embeddings, checked for presence and matching row counts."""
-    paths = {
-        "parsed": layout.parsed(split),
-        "text": layout.text_embeddings(split),
-        "image": layout.image_embeddings(split),
-        "mask": layout.image_mask(split),
-    }
-    missing = [str(p) for p in paths.values() if not p.exists()]
-    if missing:
-        raise StageError(
-            f"missing input(s) {', '.join(missing)}: run the preprocess and embed stages first"
-        )
-    frame = pd.read_parquet(paths["parsed"])
+def load_split(layout: Layout, split: str, neighbours: bool = False) -> SplitData:
+    """The parsed table (+ neighbour features) and its embeddings, checked (pricefuse.inputs)."""
+    batch = load_rows(layout, split, neighbours=neighbours)
     try:
-        return SplitData(
-            frame,
-            np.load(paths["text"]),
-            np.load(paths["image"]),
-            np.load(paths["mask"]),
-        )
+        return SplitData(batch.parsed, batch.text, batch.image, batch.image_mask)
     except ValueError as exc:
         raise StageError(f"{split} inputs: {exc}") from exc
 
@@ -100,10 +85,13 @@ def write_outputs(
 
 def run(params: Params) -> None:
     layout = Layout(params.data)
-    train = load_split(layout, "train")
-    test = load_split(layout, "test")
+    use_neighbours = params.neighbours.as_features
+    train = load_split(layout, "train", use_neighbours)
+    test = load_split(layout, "test", use_neighbours)
     out_dir = layout.model_dir(MEMBER)
     upstream = [layout.interim_dir, layout.features_dir]
+    if use_neighbours:
+        upstream.append(layout.neighbour_features("train").parent)
     data_files = [params.data.train_csv, params.data.test_csv]
     with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
         try:

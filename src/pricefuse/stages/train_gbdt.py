@@ -18,55 +18,33 @@ from tqdm import tqdm
 from pricefuse import plots, tracking
 from pricefuse.config import Params
 from pricefuse.errors import StageError
-from pricefuse.features import row_hash
 from pricefuse.features.tabular import Embeddings
-from pricefuse.layout import FOLD, ID, LOG_PRICE, PLOTS_DIR, Layout
+from pricefuse.inputs import load_rows, train_targets
+from pricefuse.layout import FOLD, ID, PLOTS_DIR, Layout
+from pricefuse.members import UnknownMemberError, check_stack_members, producer_of, stacked_column
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.gbdt import KFoldResult, booster_class, fit_gbdt
+from pricefuse.predictions import member_predictions
 
 STAGE = "train_gbdt"
 MODEL_ARTIFACT = "gbdt_model"
 
 
-def _load_split(layout: Layout, split: str) -> tuple[pd.DataFrame, Embeddings]:
-    paths = [
-        layout.parsed(split),
-        layout.text_embeddings(split),
-        layout.image_embeddings(split),
-        layout.image_mask(split),
-    ]
-    absent = [str(p) for p in paths if not p.exists()]
-    if absent:
-        raise StageError(f"missing input(s) {', '.join(absent)}: run preprocess and embed first")
-    parsed = pd.read_parquet(paths[0])
-    if ID not in parsed.columns:
-        raise StageError(f"{paths[0]} has no {ID} column")
-    recorded = tracking.read_meta(layout.features_dir).get(f"row_hash_{split}")
-    if recorded is not None and recorded != row_hash(parsed[ID].tolist()):
-        raise StageError(
-            f"{split} embeddings were computed for other rows than {paths[0]} holds "
-            "(row hash differs): re-run embed after preprocess"
-        )
+def _load_split(params: Params, split: str) -> tuple[pd.DataFrame, Embeddings]:
+    """Parsed rows (+ neighbour features, + stacked member predictions) and embeddings."""
+    batch = load_rows(Layout(params.data), split, neighbours=params.neighbours.as_features)
     try:
-        emb = Embeddings(np.load(paths[1]), np.load(paths[2]), np.load(paths[3]).astype(bool))
+        stacked = check_stack_members(params, "gbdt")
+    except UnknownMemberError as exc:
+        raise StageError(f"gbdt.stack_members: {exc}") from exc
+    if stacked:
+        predictions = member_predictions(params, split, stacked, batch.parsed[ID])
+        batch = batch.with_columns(predictions.rename(columns=stacked_column))
+    try:
+        emb = Embeddings(batch.text, batch.image, batch.image_mask)
     except ValueError as exc:
         raise StageError(f"{split} embeddings are inconsistent: {exc}") from exc
-    if len(emb) != len(parsed):
-        raise StageError(
-            f"{split}: {len(parsed)} parsed rows but {len(emb)} embedding rows; "
-            "re-run embed after preprocess"
-        )
-    return parsed, emb
-
-
-def _train_targets(train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    absent = [c for c in (LOG_PRICE, FOLD) if c not in train.columns]
-    if absent:
-        raise StageError(f"train table lacks column(s) {', '.join(absent)}")
-    folds = train[FOLD].to_numpy()
-    if (folds < 0).any() or len(np.unique(folds)) < 2:
-        raise StageError("train rows need fold ids 0..K-1 with K >= 2 (from preprocess)")
-    return train[LOG_PRICE].to_numpy(dtype=np.float64), folds
+    return batch.parsed, emb
 
 
 def _metrics(kfold: KFoldResult, y: np.ndarray) -> dict[str, float]:
@@ -123,11 +101,14 @@ def run(params: Params) -> None:
             booster_class(name)
         except ValueError as exc:
             raise StageError(f"gbdt.boosters: {exc}") from exc
-    train, train_emb = _load_split(layout, "train")
-    test, test_emb = _load_split(layout, "test")
-    y, folds = _train_targets(train)
+    train, train_emb = _load_split(params, "train")
+    test, test_emb = _load_split(params, "test")
+    y, folds = train_targets(train)
     out_dir = layout.model_dir("gbdt")
     upstream = [layout.interim_dir, layout.features_dir]
+    if params.neighbours.as_features:
+        upstream.append(layout.neighbour_features("train").parent)
+    upstream += [layout.model_dir(producer_of(m, params).name) for m in cfg.stack_members]
     data_files = [params.data.train_csv, params.data.test_csv]
 
     with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:

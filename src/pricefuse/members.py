@@ -1,0 +1,142 @@
+"""The ensemble's members, declared once.
+
+A *member* is one column of log1p predictions (`fusion`, `lightgbm`, `linear`, `knn`, ...). A
+*producer* is the training stage that writes some members into one model directory: OOF and test
+predictions (`layout.oof_predictions(name)`, `layout.test_predictions(name)`) plus whatever its
+predictor needs to answer for new rows. The ensemble, the reports, the plots, the prediction
+loader and the served model all read this registry and `ensemble.members` in params.yaml; none
+keeps a list of its own. A new member is one library module, one stage and one entry here.
+
+Serving interface of a producer's predictor class: `load(directory)` and
+`predict_members(batch: MemberBatch) -> {member: log1p predictions}`. A producer that
+`feeds_features` also has `augment(batch) -> MemberBatch`, which adds its feature columns to the
+parsed rows before the other producers predict (the neighbour features do this).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pricefuse.config import Params
+
+
+@dataclass(frozen=True)
+class MemberBatch:
+    """Rows to predict, as every predictor takes them: parsed table + aligned embeddings."""
+
+    parsed: pd.DataFrame
+    text: np.ndarray
+    image: np.ndarray
+    image_mask: np.ndarray
+
+    def with_columns(self, columns: pd.DataFrame) -> MemberBatch:
+        """The same rows with extra (or replaced) parsed columns, aligned by position."""
+        parsed = self.parsed.reset_index(drop=True).copy()
+        for name in columns.columns:
+            parsed[name] = columns[name].to_numpy()
+        return MemberBatch(parsed, self.text, self.image, self.image_mask)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A training stage, the model directory it writes, and the members it predicts."""
+
+    name: str  # directory under data.models_dir, and the served model's artifact key
+    stage: str  # the dvc stage / `pricefuse` subcommand that writes it
+    predictor: str  # "module:Class" with load() and predict_members()
+    members: Callable[[Params], tuple[str, ...]]
+    feeds_features: bool = False
+
+    def load(self, directory: Path | str) -> Any:
+        module_name, class_name = self.predictor.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls.load(directory)
+
+
+PRODUCERS: tuple[Producer, ...] = (
+    Producer(
+        "neighbours",
+        "neighbours",
+        "pricefuse.features.neighbours:NeighbourIndex",
+        lambda params: ("knn",),
+        feeds_features=True,
+    ),
+    Producer(
+        "linear", "train_linear", "pricefuse.models.linear:LinearPredictor", lambda p: ("linear",)
+    ),
+    Producer(
+        "fusion", "train_fusion", "pricefuse.models.train:FusionPredictor", lambda p: ("fusion",)
+    ),
+    Producer(
+        "gbdt",
+        "train_gbdt",
+        "pricefuse.models.gbdt:GbdtPredictor",
+        lambda params: tuple(params.gbdt.boosters),
+    ),
+)
+
+
+class UnknownMemberError(ValueError):
+    """A member name no producer writes (with the known ones in the message)."""
+
+
+def producer_of(member: str, params: Params) -> Producer:
+    for producer in PRODUCERS:
+        if member in producer.members(params):
+            return producer
+    known = [m for p in PRODUCERS for m in p.members(params)]
+    raise UnknownMemberError(
+        f"unknown ensemble member {member!r}; members the stages produce: {', '.join(known)}"
+    )
+
+
+def selected_members(params: Params) -> tuple[str, ...]:
+    """`ensemble.members`, checked against the registry (duplicates and unknowns are errors)."""
+    members = tuple(params.ensemble.members)
+    if not members:
+        raise UnknownMemberError("ensemble.members is empty")
+    duplicates = sorted({m for m in members if members.count(m) > 1})
+    if duplicates:
+        raise UnknownMemberError(f"ensemble.members lists {duplicates} more than once")
+    for member in members:
+        producer_of(member, params)
+    return members
+
+
+STACKED_PREFIX = "member_"
+
+
+def stacked_column(member: str) -> str:
+    """The table column under which a member's prediction feeds a later producer."""
+    return f"{STACKED_PREFIX}{member}"
+
+
+def check_stack_members(params: Params, consumer: str) -> tuple[str, ...]:
+    """`gbdt.stack_members`, checked: known members of producers that run before `consumer`."""
+    order = [p.name for p in PRODUCERS]
+    members = tuple(params.gbdt.stack_members)
+    for member in members:
+        producer = producer_of(member, params)
+        if order.index(producer.name) >= order.index(consumer):
+            raise UnknownMemberError(
+                f"{member!r} cannot feed {consumer}: its producer {producer.name} runs after it"
+            )
+    return members
+
+
+def serving_producers(params: Params) -> list[Producer]:
+    """The producers the served model loads, in prediction order: feature providers first,
+    then the producers of the selected members and of the members stacked into the boosters."""
+    needed = {producer_of(m, params).name for m in selected_members(params)}
+    if params.neighbours.as_features:
+        needed |= {p.name for p in PRODUCERS if p.feeds_features}
+    if "gbdt" in needed:
+        needed |= {producer_of(m, params).name for m in check_stack_members(params, "gbdt")}
+    return [p for p in PRODUCERS if p.name in needed]

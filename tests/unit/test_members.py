@@ -1,0 +1,74 @@
+"""The member registry: one place names every member, its producer, and how serving calls it."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pricefuse.config import Params, params_from_dict
+from pricefuse.errors import StageError
+from pricefuse.layout import FOLD, ID, Layout
+from pricefuse.members import (
+    PRODUCERS,
+    UnknownMemberError,
+    producer_of,
+    selected_members,
+    serving_producers,
+)
+from pricefuse.predictions import member_predictions
+
+
+def test_every_default_member_has_a_producer_with_the_serving_interface() -> None:
+    params = Params()
+    for member in selected_members(params):
+        producer = producer_of(member, params)
+        module_name, class_name = producer.predictor.split(":")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        assert callable(cls.load) and callable(cls.predict_members)
+        if producer.feeds_features:
+            assert callable(cls.augment)
+    stages = {p.stage for p in PRODUCERS}
+    cli = importlib.import_module("pricefuse.cli")
+    assert stages <= set(cli.STAGES)
+
+
+def test_unknown_or_repeated_members_fail_with_the_known_names() -> None:
+    with pytest.raises(UnknownMemberError, match="lightgbm"):
+        selected_members(params_from_dict({"ensemble": {"members": ["fusion", "nope"]}}))
+    with pytest.raises(UnknownMemberError, match="more than once"):
+        selected_members(params_from_dict({"ensemble": {"members": ["linear", "linear"]}}))
+
+
+def test_serving_loads_feature_providers_first_and_only_what_is_needed() -> None:
+    only_linear = params_from_dict({"ensemble": {"members": ["linear"]}})
+    assert [p.name for p in serving_producers(only_linear)] == ["neighbours", "linear"]
+    no_features = params_from_dict(
+        {"ensemble": {"members": ["linear"]}, "neighbours": {"as_features": False}}
+    )
+    assert [p.name for p in serving_producers(no_features)] == ["linear"]
+    assert serving_producers(Params())[0].name == "neighbours"
+
+
+def test_member_predictions_read_each_members_producer_file(tmp_path: Path) -> None:
+    params = params_from_dict(
+        {"data": {"models_dir": str(tmp_path)}, "ensemble": {"members": ["linear", "xgboost"]}}
+    )
+    layout = Layout(params.data)
+    ids = pd.Series([3, 1, 2])
+    for name, columns in (("linear", ["linear"]), ("gbdt", ["lightgbm", "xgboost"])):
+        layout.model_dir(name).mkdir(parents=True)
+        frame = pd.DataFrame({ID: [1, 2, 3], FOLD: [0, 1, 2]})
+        for i, column in enumerate(columns):
+            frame[column] = [1.0 + i, 2.0 + i, 3.0 + i]
+        frame.to_parquet(layout.oof_predictions(name), index=False)
+    out = member_predictions(params, "train", ["linear", "xgboost"], ids)
+    np.testing.assert_array_equal(out["linear"], [3.0, 1.0, 2.0])  # aligned to ids
+    np.testing.assert_array_equal(out["xgboost"], [4.0, 2.0, 3.0])
+    with pytest.raises(StageError, match="train-fusion"):
+        member_predictions(params, "train", ["fusion"], ids)
+    with pytest.raises(StageError, match="lack a prediction"):
+        member_predictions(params, "train", ["linear"], pd.Series([1, 99]))

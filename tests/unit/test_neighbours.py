@@ -1,0 +1,136 @@
+"""Neighbour-price features: exact statistics, no fold leaks, save/load, missing images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pricefuse.config import NeighboursConfig
+from pricefuse.features.neighbours import (
+    NeighbourIndex,
+    NeighbourRows,
+    feature_names,
+    knn_estimate,
+    neighbour_stats,
+    oof_features,
+)
+
+BRANDS = ["acme", "zenith", "orbit", "delta", "nova", "pico", "quartz", "ridge"]
+PRODUCTS = ["green tea", "coffee beans", "olive oil", "dark chocolate", "hand soap", "rice"]
+
+
+def rows(n: int, seed: int = 0) -> tuple[NeighbourRows, np.ndarray, np.ndarray]:
+    """Parsed rows whose price follows product and size, aligned embeddings, and 5 folds."""
+    rng = np.random.default_rng(seed)
+    product = rng.integers(0, len(PRODUCTS), n)
+    brand = rng.integers(0, len(BRANDS), n)
+    value = rng.choice([4.0, 8.0, 16.0, 32.0], n)
+    names = [
+        f"{BRANDS[b]} {PRODUCTS[p]} {v:g} ounce"
+        for b, p, v in zip(brand, product, value, strict=True)
+    ]
+    parsed = pd.DataFrame(
+        {
+            "item_name": names,
+            "value": value,
+            "unit": "ounce",
+            "pack": 1,
+            "text": [
+                f"{name}. Bullet: made by {BRANDS[b]}."
+                for name, b in zip(names, brand, strict=True)
+            ],
+        }
+    )
+    log_price = np.log1p((1 + product) * np.sqrt(value)) + rng.normal(0, 0.05, n)
+    centroids = rng.normal(size=(len(PRODUCTS), 16))
+    text = centroids[product] + rng.normal(0, 0.3, (n, 16))
+    image = centroids[product][:, :8] + rng.normal(0, 0.3, (n, 8))
+    mask = rng.random(n) < 0.4
+    image[~mask] = 0.0
+    data = NeighbourRows(parsed, text.astype(np.float32), image.astype(np.float32), mask)
+    return data, log_price, np.arange(n) % 5
+
+
+CFG = NeighboursConfig(k=5)
+
+
+def test_stats_weights_median_spread_and_band() -> None:
+    sims = np.array([[1.0, 0.5, 0.0]])
+    values = np.array([[1.0, 2.0, 10.0]])
+    out = neighbour_stats(sims, values, decay=1.0, band=0.0)
+    w = np.exp(-1.0 * (1 - sims[0]))
+    mean = (w * values[0]).sum() / w.sum()
+    np.testing.assert_allclose(out[0, 0], mean)
+    assert out[0, 1] == 2.0  # median
+    np.testing.assert_allclose(out[0, 2], np.sqrt((w * (values[0] - mean) ** 2).sum() / w.sum()))
+    assert out[0, 3] == 1.0 and out[0, 4] == 1.0  # closest: similarity and value
+    banded = neighbour_stats(sims, values, decay=1.0, band=2.0)  # 10 is 8 from the median 2
+    np.testing.assert_allclose(banded[0, 0], (w[:2] * values[0, :2]).sum() / w[:2].sum())
+
+
+def test_oof_features_of_a_row_never_depend_on_its_own_fold() -> None:
+    data, y, folds = rows(300)
+    r = int(np.flatnonzero(folds == 0)[0])
+    baseline = oof_features(CFG, data, y, folds).iloc[r]
+
+    def perturbed(rows_to_change: np.ndarray) -> pd.Series:
+        parsed = data.parsed.copy()
+        parsed.loc[rows_to_change, "item_name"] = "zenith green tea 4 ounce"
+        parsed.loc[rows_to_change, "text"] = "zenith green tea 4 ounce"
+        text, image = data.text.copy(), data.image.copy()
+        text[rows_to_change] = text[r]
+        image[rows_to_change] = image[r]
+        values = y.copy()
+        values[rows_to_change] = 9.0
+        changed = NeighbourRows(parsed, text, image, data.image_mask)
+        return oof_features(CFG, changed, values, folds).iloc[r]
+
+    same_fold = np.setdiff1d(np.flatnonzero(folds == 0), [r])
+    pd.testing.assert_series_equal(perturbed(same_fold), baseline)
+    # the same change in another fold moves the row's features: the check can fail
+    moved = perturbed(np.flatnonzero(folds == 1))
+    assert not np.allclose(moved.to_numpy(), baseline.to_numpy(), equal_nan=True)
+
+
+def test_a_duplicate_in_another_fold_is_the_closest_neighbour() -> None:
+    data, y, folds = rows(200)
+    parsed = data.parsed.copy()
+    same = ["item_name", "text", "value"]
+    parsed.loc[1, same] = parsed.loc[0, same].to_numpy()
+    text = data.text.copy()
+    text[1] = text[0]
+    values = y.copy()
+    values[1] = 7.5
+    features = oof_features(
+        CFG, NeighbourRows(parsed, text, data.image, data.image_mask), values, folds
+    )
+    for space in ("tfidf_name", "tfidf_text", "text_embedding"):
+        assert features.loc[0, f"nbr_{space}_top1_sim"] == pytest.approx(1.0, abs=1e-5)
+        assert features.loc[0, f"nbr_{space}_top1"] == pytest.approx(7.5)
+
+
+def test_image_features_only_for_rows_with_an_image_and_knn_beats_the_mean() -> None:
+    data, y, folds = rows(400)
+    features = oof_features(CFG, data, y, folds)
+    image = features["nbr_image_mean"].to_numpy()
+    assert np.isnan(image[~data.image_mask]).all()
+    assert np.isfinite(image[data.image_mask]).all()
+    estimate = knn_estimate(features, ("tfidf_name", "tfidf_text"))
+    assert np.abs(estimate - y).mean() < 0.5 * np.abs(y.mean() - y).mean()
+    with pytest.raises(ValueError, match="spaces"):
+        knn_estimate(features.drop(columns=["nbr_tfidf_text_mean"]), ("tfidf_text",))
+
+
+def test_index_save_load_gives_identical_features_without_pickle(tmp_path: Path) -> None:
+    data, y, _ = rows(150)
+    query, _, _ = rows(40, seed=1)
+    index = NeighbourIndex.fit(CFG, data, y)
+    before = index.features(query)
+    assert list(before.columns) == feature_names(CFG.spaces)
+    index.save(tmp_path)
+    assert {p.suffix for p in tmp_path.iterdir()} <= {".json", ".npy", ".npz"}
+    after = NeighbourIndex.load(tmp_path).features(query)
+    np.testing.assert_allclose(after.to_numpy(), before.to_numpy(), rtol=1e-6)
