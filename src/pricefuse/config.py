@@ -122,6 +122,7 @@ class FusionConfig:
     patience: int = 8
     loss: str = "huber_smape"
     modalities: tuple[str, ...] = ("text", "image", "tabular")
+    stack_members: tuple[str, ...] = ("linear",)
 
 
 @dataclass(frozen=True)

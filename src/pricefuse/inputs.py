@@ -7,14 +7,23 @@ things (files present, row-order hash, row counts); a second copy of those check
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from pricefuse import tracking
+from pricefuse.config import Params
 from pricefuse.errors import StageError
 from pricefuse.features import row_hash
 from pricefuse.layout import FOLD, ID, LOG_PRICE, Layout
-from pricefuse.members import MemberBatch
+from pricefuse.members import (
+    MemberBatch,
+    UnknownMemberError,
+    check_stack_members,
+    producer_of,
+    stacked_column,
+)
 
 
 def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBatch:
@@ -30,7 +39,9 @@ def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBat
     absent = [str(p) for p in paths if not p.exists()]
     if absent:
         raise StageError(
-            f"missing input(s) {', '.join(absent)}: run the upstream stages first (dvc repro)"
+            f"missing input(s) {', '.join(absent)}: run preprocess and embed"
+            + (" and neighbours" if neighbours else "")
+            + " first (or dvc repro)"
         )
     parsed = pd.read_parquet(paths[0])
     if ID not in parsed.columns:
@@ -58,6 +69,35 @@ def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBat
             )
         batch = batch.with_columns(features.drop(columns=[ID]))
     return batch
+
+
+def load_stage_rows(params: Params, split: str, consumer: str) -> MemberBatch:
+    """What producer `consumer` trains or predicts on: parsed rows + embeddings, the neighbour
+    features when `neighbours.as_features`, and the predictions of `<consumer>.stack_members`
+    as `member_<name>` columns (OOF on train, full fit on test: what serving computes)."""
+    from pricefuse.predictions import member_predictions
+
+    batch = load_rows(Layout(params.data), split, neighbours=params.neighbours.as_features)
+    try:
+        stacked = check_stack_members(params, consumer)
+    except UnknownMemberError as exc:
+        raise StageError(f"{consumer}.stack_members: {exc}") from exc
+    if stacked:
+        predictions = member_predictions(params, split, stacked, batch.parsed[ID])
+        batch = batch.with_columns(predictions.rename(columns=stacked_column))
+    return batch
+
+
+def stage_upstream(params: Params, consumer: str) -> list[Path]:
+    """The upstream directories a training stage reads (for the lineage tags)."""
+    layout = Layout(params.data)
+    dirs = [layout.interim_dir, layout.features_dir]
+    if params.neighbours.as_features:
+        dirs.append(layout.neighbour_features("train").parent)
+    dirs += [
+        layout.model_dir(producer_of(m, params).name) for m in check_stack_members(params, consumer)
+    ]
+    return dirs
 
 
 def train_targets(parsed: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

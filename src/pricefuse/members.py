@@ -118,10 +118,16 @@ def stacked_column(member: str) -> str:
     return f"{STACKED_PREFIX}{member}"
 
 
+def stack_members_of(params: Params, consumer: str) -> tuple[str, ...]:
+    """The members whose predictions producer `consumer` takes as features (its params
+    section's `stack_members`; none when the section has no such key)."""
+    return tuple(getattr(getattr(params, consumer, None), "stack_members", ()))
+
+
 def check_stack_members(params: Params, consumer: str) -> tuple[str, ...]:
-    """`gbdt.stack_members`, checked: known members of producers that run before `consumer`."""
+    """`<consumer>.stack_members`, checked: members of producers that run before `consumer`."""
     order = [p.name for p in PRODUCERS]
-    members = tuple(params.gbdt.stack_members)
+    members = stack_members_of(params, consumer)
     for member in members:
         producer = producer_of(member, params)
         if order.index(producer.name) >= order.index(consumer):
@@ -133,10 +139,10 @@ def check_stack_members(params: Params, consumer: str) -> tuple[str, ...]:
 
 def serving_producers(params: Params) -> list[Producer]:
     """The producers the served model loads, in prediction order: feature providers first,
-    then the producers of the selected members and of the members stacked into the boosters."""
+    then the producers of the selected members and of the members stacked into them."""
     needed = {producer_of(m, params).name for m in selected_members(params)}
     if params.neighbours.as_features:
         needed |= {p.name for p in PRODUCERS if p.feeds_features}
-    if "gbdt" in needed:
-        needed |= {producer_of(m, params).name for m in check_stack_members(params, "gbdt")}
+    for consumer in list(needed):
+        needed |= {producer_of(m, params).name for m in check_stack_members(params, consumer)}
     return [p for p in PRODUCERS if p.name in needed]

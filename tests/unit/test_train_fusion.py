@@ -209,7 +209,7 @@ def test_stage_writes_outputs_and_logs_the_run(tmp_path: Path, monkeypatch) -> N
     params = params_from_dict(
         {
             "seed": 5,
-            "fusion": fusion,
+            "fusion": {**fusion, "stack_members": []},
             "mlflow": {"experiment": "t"},
             "neighbours": {"as_features": False},
         }

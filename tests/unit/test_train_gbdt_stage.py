@@ -47,7 +47,7 @@ def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     gbdt = {"n_estimators": 40, "learning_rate": 0.2, "early_stopping_rounds": 10}
     params = params_from_dict(
         {
-            "gbdt": {**gbdt, "text_pca": 3, "image_pca": 2, "max_bin": 63},
+            "gbdt": {**gbdt, "text_pca": 3, "image_pca": 2, "max_bin": 63, "stack_members": []},
             "neighbours": {"as_features": False},
         }
     )

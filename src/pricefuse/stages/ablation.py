@@ -27,7 +27,7 @@ def run(params: Params) -> None:
         members = list(selected_members(params))
     except UnknownMemberError as exc:
         raise StageError(f"ensemble.members: {exc}") from exc
-    train = load_split(layout, "train", params.neighbours.as_features)
+    train = load_split(params, "train")
     y_log = train.target
     oof = member_predictions(params, "train", members, train.frame[ID]).to_numpy()
     upstream = [layout.interim_dir, layout.features_dir, layout.model_dir("ensemble")]

@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 from pricefuse import plots, tracking
 from pricefuse.config import Params
 from pricefuse.errors import StageError
-from pricefuse.inputs import load_rows
+from pricefuse.inputs import load_stage_rows, stage_upstream
 from pricefuse.layout import FOLD, ID, PLOTS_DIR, Layout
 from pricefuse.models.train import (
     MANIFEST,
@@ -38,9 +38,10 @@ MODEL_ARTIFACT_PATH = "fusion_model"
 METRIC_BATCH = 1000
 
 
-def load_split(layout: Layout, split: str, neighbours: bool = False) -> SplitData:
-    """The parsed table (+ neighbour features) and its embeddings, checked (pricefuse.inputs)."""
-    batch = load_rows(layout, split, neighbours=neighbours)
+def load_split(params: Params, split: str) -> SplitData:
+    """The fusion head's rows: parsed table (+ neighbour features, + stacked members) and its
+    embeddings, checked (pricefuse.inputs)."""
+    batch = load_stage_rows(params, split, MEMBER)
     try:
         return SplitData(batch.parsed, batch.text, batch.image, batch.image_mask)
     except ValueError as exc:
@@ -85,13 +86,10 @@ def write_outputs(
 
 def run(params: Params) -> None:
     layout = Layout(params.data)
-    use_neighbours = params.neighbours.as_features
-    train = load_split(layout, "train", use_neighbours)
-    test = load_split(layout, "test", use_neighbours)
+    train = load_split(params, "train")
+    test = load_split(params, "test")
     out_dir = layout.model_dir(MEMBER)
-    upstream = [layout.interim_dir, layout.features_dir]
-    if use_neighbours:
-        upstream.append(layout.neighbour_features("train").parent)
+    upstream = stage_upstream(params, MEMBER)
     data_files = [params.data.train_csv, params.data.test_csv]
     with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
         try:

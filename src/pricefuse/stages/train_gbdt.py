@@ -19,12 +19,10 @@ from pricefuse import plots, tracking
 from pricefuse.config import Params
 from pricefuse.errors import StageError
 from pricefuse.features.tabular import Embeddings
-from pricefuse.inputs import load_rows, train_targets
+from pricefuse.inputs import load_stage_rows, stage_upstream, train_targets
 from pricefuse.layout import FOLD, ID, PLOTS_DIR, Layout
-from pricefuse.members import UnknownMemberError, check_stack_members, producer_of, stacked_column
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.gbdt import KFoldResult, booster_class, fit_gbdt
-from pricefuse.predictions import member_predictions
 
 STAGE = "train_gbdt"
 MODEL_ARTIFACT = "gbdt_model"
@@ -32,14 +30,7 @@ MODEL_ARTIFACT = "gbdt_model"
 
 def _load_split(params: Params, split: str) -> tuple[pd.DataFrame, Embeddings]:
     """Parsed rows (+ neighbour features, + stacked member predictions) and embeddings."""
-    batch = load_rows(Layout(params.data), split, neighbours=params.neighbours.as_features)
-    try:
-        stacked = check_stack_members(params, "gbdt")
-    except UnknownMemberError as exc:
-        raise StageError(f"gbdt.stack_members: {exc}") from exc
-    if stacked:
-        predictions = member_predictions(params, split, stacked, batch.parsed[ID])
-        batch = batch.with_columns(predictions.rename(columns=stacked_column))
+    batch = load_stage_rows(params, split, "gbdt")
     try:
         emb = Embeddings(batch.text, batch.image, batch.image_mask)
     except ValueError as exc:
@@ -105,10 +96,7 @@ def run(params: Params) -> None:
     test, test_emb = _load_split(params, "test")
     y, folds = train_targets(train)
     out_dir = layout.model_dir("gbdt")
-    upstream = [layout.interim_dir, layout.features_dir]
-    if params.neighbours.as_features:
-        upstream.append(layout.neighbour_features("train").parent)
-    upstream += [layout.model_dir(producer_of(m, params).name) for m in cfg.stack_members]
+    upstream = stage_upstream(params, "gbdt")
     data_files = [params.data.train_csv, params.data.test_csv]
 
     with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
