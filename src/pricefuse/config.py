@@ -121,7 +121,7 @@ class FusionConfig:
     unit_dim: int = 32
     patience: int = 8
     loss: str = "huber_smape"
-    modalities: tuple[str, ...] = ("text", "image", "tabular")
+    modalities: tuple[str, ...] = ("tabular",)
     stack_members: tuple[str, ...] = ("linear",)
 
 

@@ -30,8 +30,18 @@ from pricefuse.models.train import (
 
 UNIT_EFFECT = {"ounce": 0.0, "count": 0.5, "fl_oz": -0.4, "gram": 0.3, "none": -0.6}
 TEXT_DIM, IMAGE_DIM, N_FOLDS = 16, 8, 4
+# Every modality: the synthetic prices depend on the embeddings (params.yaml's default head
+# sees tabular inputs only; see the comment there).
 CFG = FusionConfig(
-    lr=3e-3, epochs=30, batch_size=64, hidden=32, n_blocks=1, dropout=0.1, unit_dim=8, patience=6
+    lr=3e-3,
+    epochs=30,
+    batch_size=64,
+    hidden=32,
+    n_blocks=1,
+    dropout=0.1,
+    unit_dim=8,
+    patience=6,
+    modalities=("text", "image", "tabular"),
 )
 
 

@@ -159,8 +159,8 @@ class NeighbourIndex:
             if space.startswith("tfidf_"):
                 vectorizer = make_vectorizer("word", (1, cfg.tfidf_max_ngram))
                 texts = text_view(keys.parsed, _view(space))
-                fit_vectorizer(vectorizer, texts)
-                spaces[space] = _Space(space, vectorizer.transform(texts), values, vectorizer)
+                matrix = fit_vectorizer(vectorizer, texts)
+                spaces[space] = _Space(space, matrix, values, vectorizer)
             else:
                 vectors, mask = _space_rows(space, keys)
                 spaces[space] = _Space(space, _normalise(vectors), values[mask])

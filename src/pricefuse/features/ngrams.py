@@ -54,13 +54,14 @@ def make_vectorizer(
 
 
 def fit_vectorizer(vectorizer: Any, texts: Sequence[str]) -> Any:
-    """Fit, tolerating a fold whose texts yield no term at all (then: an empty vocabulary)."""
+    """Fit and return the texts' TF-IDF matrix (one pass over the texts), tolerating a fold whose
+    texts yield no term at all (then: a vocabulary of one placeholder term)."""
     try:
-        vectorizer.fit(texts)
+        return vectorizer.fit_transform(texts)
     except ValueError:  # "empty vocabulary": every text empty or below min_df
         vectorizer.set_params(min_df=1)
         vectorizer.fit([*texts, "<empty>"])
-    return vectorizer
+        return vectorizer.transform(texts)
 
 
 def save_vectorizer(vectorizer: Any, directory: Path, name: str) -> None:
