@@ -20,22 +20,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from pricefuse.cli import STAGES  # every stage the CLI offers is a dvc.yaml stage, in order
 from tests.support import run_cmd
 
 pytestmark = pytest.mark.integration
 
-STAGES = (
-    "fetch_images",
-    "preprocess",
-    "embed",
-    "neighbours",
-    "train_linear",
-    "train_fusion",
-    "train_gbdt",
-    "ensemble",
-    "ablation",
-    "submit",
-)
 TINY = {
     "demo": {"n_train": 180, "n_test": 40, "image_size": 64},
     "preprocess": {"n_folds": 3},
