@@ -133,8 +133,6 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         and every producer's predictions join the batch as `member_<name>` columns for the
         producers after it — exactly the columns the training stages read.
         """
-        import pandas as pd
-
         from pricefuse.members import stacked_column
 
         by_name: dict[str, np.ndarray] = {}

@@ -148,3 +148,17 @@ def test_rows_must_align_with_embeddings() -> None:
     featurizer = fitted()
     with pytest.raises(ValueError, match="aligned"):
         featurizer.transform(parsed_frame(5), embeddings(6))
+
+
+def test_neighbour_and_stacked_member_columns_are_taken_as_they_are() -> None:
+    frame, emb = parsed_frame(40), embeddings(40)
+    frame["nbr_tfidf_name_mean"] = np.linspace(1, 2, 40)
+    frame["member_linear"] = np.linspace(3, 4, 40)
+    frame["unrelated"] = 7.0
+    featurizer = TabularFeaturizer(2, 1, seed=0).fit(frame, emb)
+    assert featurizer.extra_columns == ("nbr_tfidf_name_mean", "member_linear")
+    assert "unrelated" not in featurizer.names
+    values = featurizer.transform(frame, emb).values
+    np.testing.assert_allclose(column(featurizer, values, "member_linear"), frame["member_linear"])
+    lacking = featurizer.transform(frame.drop(columns=["member_linear"]), emb).values
+    assert np.isnan(column(featurizer, lacking, "member_linear")).all()

@@ -234,15 +234,17 @@ class TabularFeaturizer:
 
     The column layout is fixed at fit time: parsed features, then categorical codes, then
     `has_image` (from the embedding mask, which is what the image features actually reflect),
-    then PCA components. An unknown unit at predict time becomes a missing category code rather
-    than an error, so the served model degrades gracefully on new spellings.
+    then the `nbr_*` / `member_*` columns the table had at fit time (neighbour features, stacked
+    member predictions; NaN when a later table lacks one), then PCA components. An unknown unit
+    at predict time becomes a missing category code rather than an error, so the served model
+    degrades gracefully on new spellings.
     """
 
     def __init__(self, text_components: int, image_components: int, seed: int) -> None:
         self.compressor = EmbeddingCompressor(text_components, image_components, seed)
         self.vocabulary: dict[str, tuple[str, ...]] = {}
         self.names: tuple[str, ...] = ()
-        self.neighbour_columns: tuple[str, ...] = ()
+        self.extra_columns: tuple[str, ...] = ()
 
     @property
     def categorical(self) -> tuple[int, ...]:
@@ -255,12 +257,12 @@ class TabularFeaturizer:
         }
         self.compressor.fit(emb)
         base = tuple(parsed_features(parsed.iloc[:0]).columns)
-        self.neighbour_columns = tuple(c for c in parsed.columns if c.startswith(EXTRA_PREFIXES))
+        self.extra_columns = tuple(c for c in parsed.columns if c.startswith(EXTRA_PREFIXES))
         self.names = (
             *base,
             *CATEGORICAL_COLUMNS,
             "has_image",
-            *self.neighbour_columns,
+            *self.extra_columns,
             *self.compressor.names,
         )
         return self
@@ -276,7 +278,7 @@ class TabularFeaturizer:
             pd.to_numeric(parsed[c], errors="coerce").to_numpy(dtype=np.float64)
             if c in parsed.columns
             else np.full(len(parsed), np.nan)
-            for c in self.neighbour_columns
+            for c in self.extra_columns
         ]
         values = np.column_stack([base, *codes, has_image, *neighbours]).astype(np.float32)
         values = np.hstack([values, self.compressor.transform(emb)])
