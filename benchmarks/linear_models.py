@@ -36,8 +36,8 @@ def other_model_oof(
         held = folds == k
         features = LinearPredictor.fit(cfg, parsed[~held], y[~held])
         centre = y[~held].mean()
-        model = make().fit(features._matrix(parsed[~held]), y[~held] - centre)
-        oof[held] = model.predict(features._matrix(parsed[held])) + centre
+        model = make().fit(features.transform(parsed[~held]), y[~held] - centre)
+        oof[held] = model.predict(features.transform(parsed[held])) + centre
     return oof
 
 

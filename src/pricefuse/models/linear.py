@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,9 @@ from pricefuse.features.ngrams import (
     text_view,
 )
 from pricefuse.metrics import smape_from_log
+
+if TYPE_CHECKING:
+    from pricefuse.members import MemberBatch
 
 MEMBER = "linear"
 MANIFEST = "linear.json"
@@ -60,7 +64,8 @@ class LinearPredictor:
             ),
         }
 
-    def _matrix(self, parsed: pd.DataFrame):
+    def transform(self, parsed: pd.DataFrame) -> Any:
+        """The rows' TF-IDF features (a scipy sparse matrix, word then char n-grams)."""
         from scipy import sparse
 
         texts = text_view(parsed, self.view)
@@ -76,18 +81,18 @@ class LinearPredictor:
         for vectorizer in vectorizers.values():
             fit_vectorizer(vectorizer, texts)
         model = cls(cfg.view, vectorizers, np.zeros(0), 0.0, (float(y.min()), float(y.max())))
-        ridge = Ridge(alpha=cfg.alpha).fit(model._matrix(parsed), y)
+        ridge = Ridge(alpha=cfg.alpha).fit(model.transform(parsed), y)
         model.coef, model.intercept = np.asarray(ridge.coef_, np.float64), float(ridge.intercept_)
         return model
 
     def predict(self, parsed: pd.DataFrame) -> np.ndarray:
-        raw = self._matrix(parsed) @ self.coef + self.intercept
+        raw = self.transform(parsed) @ self.coef + self.intercept
         lo, hi = max(self.clip[0], LOG_PRICE_BOUNDS[0]), min(self.clip[1], LOG_PRICE_BOUNDS[1])
         return np.clip(np.asarray(raw, dtype=np.float64), lo, hi)
 
-    def predict_members(self, batch: object) -> dict[str, np.ndarray]:
+    def predict_members(self, batch: MemberBatch) -> dict[str, np.ndarray]:
         """The registry's serving interface (see pricefuse.members)."""
-        return {MEMBER: self.predict(batch.parsed)}  # type: ignore[attr-defined]
+        return {MEMBER: self.predict(batch.parsed)}
 
     def save(self, directory: Path | str) -> Path:
         directory = Path(directory)

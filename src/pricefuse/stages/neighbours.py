@@ -29,12 +29,13 @@ from pricefuse.features.neighbours import (
 )
 from pricefuse.inputs import load_rows, train_targets
 from pricefuse.layout import FOLD, ID, PLOTS_DIR, Layout
+from pricefuse.members import MemberBatch
 from pricefuse.metrics import smape_from_log
 
 STAGE = "neighbours"
 
 
-def _rows(batch) -> NeighbourRows:
+def _rows(batch: MemberBatch) -> NeighbourRows:
     return NeighbourRows(batch.parsed, batch.text, batch.image, batch.image_mask)
 
 
