@@ -87,7 +87,8 @@ def search_dense(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndar
 
 
 def search_sparse(queries: Any, keys: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, key indices), each (n, k), most similar first; exact cosine, brute force."""
+    """(similarities, key indices), each (n >= 1, k), most similar first; exact cosine, brute
+    force."""
     from sklearn.neighbors import NearestNeighbors
 
     index = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(keys)
@@ -96,8 +97,6 @@ def search_sparse(queries: Any, keys: Any, k: int) -> tuple[np.ndarray, np.ndarr
         distance, found = index.kneighbors(queries[start : start + SEARCH_BATCH])
         sims.append(1.0 - distance)
         idx.append(found)
-    if not sims:
-        return np.zeros((0, k)), np.zeros((0, k), dtype=np.int64)
     return np.vstack(sims), np.vstack(idx)
 
 

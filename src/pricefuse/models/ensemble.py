@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from pricefuse.data.units import QUANTITY_KINDS
 from pricefuse.metrics import smape
 
 LOG_CLIP = (np.log1p(0.01), np.log1p(100_000.0))
@@ -104,12 +105,10 @@ def fit_blend_weights(
 
 STATE_FILE = "ensemble.json"
 STACKERS = ("ridge", "lightgbm")
-QUANTITY_KINDS = ("mass", "volume", "count", "length", "area", "other")
-META_FEATURES = ("has_image", "log_text_len", *(f"kind_{k}" for k in QUANTITY_KINDS))
 
 
 def meta_features(parsed: pd.DataFrame, image_mask: np.ndarray) -> np.ndarray:
-    """(n, len(META_FEATURES)): has an image, log text length, one-hot quantity kind.
+    """(n, 2 + len(QUANTITY_KINDS)): has an image, log text length, one-hot quantity kind.
 
     Nothing here is fitted (the kinds are the parser's fixed set), so the same rows give the same
     meta-features in training, test and serving.

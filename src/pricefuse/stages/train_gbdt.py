@@ -30,12 +30,8 @@ MODEL_ARTIFACT = "gbdt_model"
 
 def _load_split(params: Params, split: str) -> tuple[pd.DataFrame, Embeddings]:
     """Parsed rows (+ neighbour features, + stacked member predictions) and embeddings."""
-    batch = load_stage_rows(params, split, "gbdt")
-    try:
-        emb = Embeddings(batch.text, batch.image, batch.image_mask)
-    except ValueError as exc:
-        raise StageError(f"{split} embeddings are inconsistent: {exc}") from exc
-    return batch.parsed, emb
+    batch = load_stage_rows(params, split, "gbdt")  # row counts checked there
+    return batch.parsed, Embeddings(batch.text, batch.image, batch.image_mask)
 
 
 def _metrics(kfold: KFoldResult, y: np.ndarray) -> dict[str, float]:
