@@ -1,5 +1,5 @@
-"""One loader for what the training stages read: the parsed table of a split, its embeddings and,
-when the pipeline uses them, its neighbour features — aligned by row and checked.
+"""One loader for what the stages read: the parsed table of a split, its embeddings and, when the
+pipeline uses them, its neighbour features and stacked members — aligned by row and checked.
 
 Why one loader: every stage that pairs per-row arrays with the parsed table must check the same
 things (files present, row-order hash, row counts); a second copy of those checks drifts.
@@ -26,6 +26,38 @@ from pricefuse.members import (
 )
 
 
+def load_parsed(layout: Layout, split: str) -> pd.DataFrame:
+    """The parsed table of `split` written by preprocess, checked for its id column."""
+    path = layout.parsed(split)
+    if not path.is_file():
+        raise StageError(f"{path} not found: run `pricefuse preprocess` first (or dvc repro)")
+    parsed = pd.read_parquet(path)
+    if ID not in parsed.columns:
+        raise StageError(f"{path} has no {ID} column: re-run preprocess")
+    return parsed
+
+
+def _check_row_hash(layout: Layout, split: str, parsed: pd.DataFrame) -> None:
+    recorded = tracking.read_meta(layout.features_dir).get(f"row_hash_{split}")
+    if recorded is not None and recorded != row_hash(parsed[ID].tolist()):
+        raise StageError(
+            f"{split} embeddings were computed for other rows than {layout.parsed(split)} holds "
+            "(row hash differs): re-run embed after preprocess"
+        )
+
+
+def load_image_mask(layout: Layout, split: str, parsed: pd.DataFrame) -> np.ndarray:
+    """Which rows of `parsed` have an image embedding (embed's mask), checked like the arrays."""
+    path = layout.image_mask(split)
+    if not path.is_file():
+        raise StageError(f"{path} not found: run `pricefuse embed` first (or dvc repro)")
+    _check_row_hash(layout, split, parsed)
+    mask = np.load(path).astype(bool)
+    if len(mask) != len(parsed):
+        raise StageError(f"{split}: {len(parsed)} parsed rows but {len(mask)} image-mask rows")
+    return mask
+
+
 def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBatch:
     """Parsed rows + embeddings of `split` (+ the `nbr_*` columns when `neighbours`)."""
     paths = [
@@ -43,15 +75,8 @@ def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBat
             + (" and neighbours" if neighbours else "")
             + " first (or dvc repro)"
         )
-    parsed = pd.read_parquet(paths[0])
-    if ID not in parsed.columns:
-        raise StageError(f"{paths[0]} has no {ID} column")
-    recorded = tracking.read_meta(layout.features_dir).get(f"row_hash_{split}")
-    if recorded is not None and recorded != row_hash(parsed[ID].tolist()):
-        raise StageError(
-            f"{split} embeddings were computed for other rows than {paths[0]} holds "
-            "(row hash differs): re-run embed after preprocess"
-        )
+    parsed = load_parsed(layout, split)
+    _check_row_hash(layout, split, parsed)
     text, image = np.load(paths[1]), np.load(paths[2])
     mask = np.load(paths[3]).astype(bool)
     counts = {"text": len(text), "image": len(image), "image_mask": len(mask)}

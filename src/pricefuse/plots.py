@@ -1,5 +1,6 @@
 """Plots people would rather look at than read: predicted vs actual, learning curves,
-feature importance. Each function writes a PNG and returns its path (for mlflow.log_artifact).
+feature importance, SMAPE by price decile. Each function writes a PNG and returns its path;
+`pricefuse.records` writes the same data as CSV for `dvc plots diff`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 
 from pricefuse.metrics import smape
 
@@ -83,3 +85,24 @@ def feature_importance(
     """The top features by importance, largest first."""
     order = np.argsort(np.asarray(values, dtype=float))[::-1][:top]
     return bar_chart([names[i] for i in order], [float(values[i]) for i in order], title, path)
+
+
+def decile_lines(frame: pd.DataFrame, title: str, path: Path | str) -> Path:
+    """SMAPE per price decile, one line per model (columns other than decile/price bounds)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    models = [c for c in frame.columns if c not in ("decile", "price_low", "price_high")]
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    for name in models:
+        ax.plot(frame["decile"], frame[name], marker="o", markersize=3, label=name)
+    ticks = [f"{d}\n≤{hi:.3g}" for d, hi in zip(frame["decile"], frame["price_high"], strict=True)]
+    ax.set_xticks(frame["decile"], ticks, fontsize=7)
+    ax.set_xlabel("actual price decile (upper bound)")
+    ax.set_ylabel("SMAPE (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

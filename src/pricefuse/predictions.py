@@ -1,4 +1,4 @@
-"""Read the members' prediction files into one aligned table.
+"""Write each producer's prediction files, and read the members' into one aligned table.
 
 Every training stage writes log1p predictions keyed by sample_id (OOF: + fold) into its model
 directory; which file holds which member comes from the registry (`pricefuse.members`). The
@@ -9,13 +9,15 @@ silently).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pricefuse.config import Params
 from pricefuse.errors import StageError
-from pricefuse.layout import ID, Layout
+from pricefuse.layout import FOLD, ID, Layout
 from pricefuse.members import UnknownMemberError, producer_of
 
 
@@ -55,3 +57,23 @@ def member_predictions(
             f"{list(ids[gaps.to_numpy()].head(5))}: re-run the training stages (dvc repro)."
         )
     return out
+
+
+def write_member_predictions(
+    layout: Layout,
+    producer: str,
+    train_ids: pd.Series,
+    folds: np.ndarray,
+    oof: Mapping[str, np.ndarray],
+    test_ids: pd.Series,
+    test: Mapping[str, np.ndarray],
+) -> list[Path]:
+    """Write a producer's OOF (`sample_id`, `fold`, one column per member) and test predictions
+    (`sample_id`, one column per member), log1p, where `member_predictions` reads them."""
+    oof_path, test_path = layout.oof_predictions(producer), layout.test_predictions(producer)
+    oof_path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({ID: np.asarray(train_ids), FOLD: np.asarray(folds), **oof}).to_parquet(
+        oof_path, index=False
+    )
+    pd.DataFrame({ID: np.asarray(test_ids), **test}).to_parquet(test_path, index=False)
+    return [oof_path, test_path]

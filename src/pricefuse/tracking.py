@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pricefuse.config import Params, flatten
+from pricefuse.records import StageRecord
 
 META_FILE = "meta.json"
 METRICS_DIR = Path("metrics")
@@ -120,29 +122,36 @@ def _truncate(value: Any) -> str:
 
 
 @contextmanager
-def stage_run(
-    stage: str,
-    params: Params,
-    upstream: Iterable[Path | str] = (),
-    data_files: Iterable[Path | str] = (),
-) -> Iterator[Any]:
-    """Start (or join, under `mlflow run`) the MLflow run of one stage with the standard tags."""
+def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> Iterator[Any]:
+    """Start (or join, under `mlflow run`) the MLflow run of one stage with the standard tags.
+
+    `inputs`: the upstream outputs the stage reads; the raw CSVs are always added. Each is logged
+    as an MLflow dataset with DVC's hash as digest (`pricefuse.datasets`), and the ones that
+    record a producing run (meta.json) become `upstream.<stage>` tags. System metrics (CPU,
+    memory, GPU when present) are sampled for the run.
+    """
     import mlflow
 
+    from pricefuse.datasets import log_inputs
+
     configure(params.mlflow.experiment)
+    # The sampler announces every start and stop at INFO: noise in each stage's output.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    data_files = [Path(params.data.train_csv), Path(params.data.test_csv)]
+    inputs = [Path(p) for p in inputs]
     sha, dirty = git_state()
     tags = {
         "stage": stage,
         "git_commit": sha,
         "git_dirty": str(dirty).lower(),
         "data_md5": files_md5(data_files),
-        **upstream_tags(upstream),
+        **upstream_tags(inputs),
     }
     # Under `mlflow run` MLFLOW_RUN_ID is set and start_run() joins that run.
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
-    with mlflow.start_run(run_name=stage) as run:
+    with mlflow.start_run(run_name=stage, log_system_metrics=True) as run:
         mlflow.set_tags(tags)
         if os.environ.get("MLFLOW_RUN_ID"):
             mlflow.set_tag("mlflow.runName", stage)
@@ -150,8 +159,55 @@ def stage_run(
         items = list(flat.items())
         for start in range(0, len(items), 90):
             mlflow.log_params(dict(items[start : start + 90]))
+        log_inputs([*data_files, *inputs])
         yield run
         write_metrics_file(stage, run.info.run_id)
+
+
+def record(run: Any, stage: str, result: StageRecord) -> None:
+    """Log what a stage's core returned: metrics (and per-step series), tags, plots (CSV for
+    DVC + PNG), tables, artifacts, and meta.json in each output directory; print the summary."""
+    import mlflow
+
+    log_metrics(result.metrics)
+    log_step_metrics(run.info.run_id, result.step_metrics)
+    if result.tags:
+        mlflow.set_tags(result.tags)
+    for path in result.write_plots(stage):
+        mlflow.log_artifact(str(path), "plots")
+    for name, table in result.tables.items():
+        mlflow.log_table(table, name)
+    for artifact_path, files in result.artifacts.items():
+        for file in files:
+            if Path(file).is_dir():
+                mlflow.log_artifacts(str(file), artifact_path)
+            else:
+                mlflow.log_artifact(str(file), artifact_path)
+    for out_dir, facts in result.meta.items():
+        write_meta(out_dir, stage, run.info.run_id, **facts)
+    print(result.summary)
+
+
+# MLflow accepts at most 1000 metric values per log_batch call.
+METRIC_BATCH = 1000
+
+
+def log_step_metrics(run_id: str, series: Mapping[str, Sequence[float]]) -> None:
+    """Per-step values (e.g. a learning curve per fold), batched: one call per 1000 values."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [
+        Metric(name, float(value), now, step)
+        for name, curve in series.items()
+        for step, value in enumerate(curve, start=1)
+    ]
+    client = mlflow.MlflowClient()
+    for start in range(0, len(values), METRIC_BATCH):
+        client.log_batch(run_id, metrics=values[start : start + METRIC_BATCH])
 
 
 def write_metrics_file(stage: str, run_id: str) -> Path:

@@ -12,6 +12,7 @@ Saved without pickle: vocabularies as JSON, IDF vectors and coefficients as .npy
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +21,22 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pricefuse import records
 from pricefuse.config import LinearConfig
+from pricefuse.errors import StageError
 from pricefuse.features.ngrams import (
+    VIEWS,
     fit_vectorizer,
     load_vectorizer,
     make_vectorizer,
     save_vectorizer,
     text_view,
 )
+from pricefuse.inputs import train_targets
+from pricefuse.layout import ID, Layout
 from pricefuse.metrics import smape_from_log
+from pricefuse.predictions import write_member_predictions
+from pricefuse.records import StageRecord
 
 if TYPE_CHECKING:
     from pricefuse.members import MemberBatch
@@ -164,3 +172,37 @@ def fit_linear(
             on_fold_done(int(k))
     full = LinearPredictor.fit(cfg, parsed, y)
     return LinearFit(oof, fold_smape, smape_from_log(y, oof), full)
+
+
+def train_linear_member(
+    cfg: LinearConfig, train: pd.DataFrame, test: pd.DataFrame, layout: Layout
+) -> StageRecord:
+    """The `train_linear` stage's work: K-fold OOF fit, the full fit saved to its model directory,
+    OOF and test predictions written (test through the reloaded predictor, as serving computes
+    them); returns what the stage records."""
+    from tqdm import tqdm
+
+    if cfg.view not in VIEWS:
+        raise StageError(f"linear.view must be one of {', '.join(VIEWS)}, got {cfg.view!r}")
+    y, folds = train_targets(train)
+    out_dir = layout.model_dir(MEMBER)
+    with tqdm(total=len(np.unique(folds)), desc="linear folds", disable=None) as bar:
+        fit = fit_linear(cfg, train, y, folds, on_fold_done=lambda k: bar.update())
+    shutil.rmtree(out_dir, ignore_errors=True)
+    fit.predictor.save(out_dir)
+    saved = LinearPredictor.load(out_dir)
+    write_member_predictions(
+        layout, MEMBER, train[ID], folds, {MEMBER: fit.oof}, test[ID], {MEMBER: saved.predict(test)}
+    )
+    metrics = {"smape_oof": fit.smape_oof, "n_features": float(len(saved.coef))}
+    metrics.update({f"smape_fold_{k}": s for k, s in fit.fold_smape.items()})
+    return StageRecord(
+        summary=f"linear OOF SMAPE {fit.smape_oof:.3f}% ({len(saved.coef)} n-gram features)",
+        metrics=metrics,
+        plots=[
+            records.pred_vs_actual("pred_vs_actual", y, fit.oof, "linear OOF"),
+            records.decile_plot("smape_by_decile", y, {MEMBER: fit.oof}, "linear OOF"),
+        ],
+        artifacts={"linear_model": [out_dir]},
+        meta={out_dir: {"smape_oof": fit.smape_oof}},
+    )

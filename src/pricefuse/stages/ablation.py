@@ -31,8 +31,7 @@ def run(params: Params) -> None:
     y_log = train.target
     oof = member_predictions(params, "train", members, train.frame[ID]).to_numpy()
     upstream = [layout.interim_dir, layout.features_dir, layout.model_dir("ensemble")]
-    data_files = [params.data.train_csv, params.data.test_csv]
-    with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
+    with tracking.stage_run(STAGE, params, inputs=upstream) as run:
         table = member_table(oof, members, y_log)
         variants = params.ablation.fusion_variants
         unknown = sorted(set(variants) - set(FUSION_VARIANTS))

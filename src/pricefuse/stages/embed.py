@@ -92,12 +92,7 @@ def run(params: Params) -> None:
     text_encoder, image_encoder = load_encoders(params)
     layout.features_dir.mkdir(parents=True, exist_ok=True)
 
-    with tracking.stage_run(
-        "embed",
-        params,
-        upstream=[layout.interim_dir],
-        data_files=[params.data.train_csv, params.data.test_csv],
-    ) as run:
+    with tracking.stage_run("embed", params, inputs=[layout.interim_dir]) as run:
         mlflow.set_tags({"text_model": text_encoder.ref, "image_model": image_encoder.ref})
         mlflow.log_params(
             {"text_dim": text_encoder.dim, "image_dim": image_encoder.dim, "torch_threads": threads}

@@ -49,9 +49,8 @@ def run(params: Params) -> None:
 
     upstream = [layout.interim_dir, layout.features_dir]
     upstream += [layout.model_dir(p.name) for p in serving_producers(params)]
-    data_files = [params.data.train_csv, params.data.test_csv]
     out_dir = layout.model_dir("ensemble")
-    with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
+    with tracking.stage_run(STAGE, params, inputs=upstream) as run:
         fit = fit_ensemble(
             oof,
             members,

@@ -54,9 +54,8 @@ def _progress(bar: tqdm) -> Callable[[LinkRecord], None]:
 
 def run(params: Params) -> None:
     layout = Layout(params.data)
-    data_files = [params.data.train_csv, params.data.test_csv]
-    links = read_links(data_files)
-    with tracking.stage_run(STAGE, params, data_files=data_files) as run:
+    links = read_links([params.data.train_csv, params.data.test_csv])
+    with tracking.stage_run(STAGE, params) as run:
         with tqdm(total=len(links), desc=STAGE, unit="img", disable=None) as bar:
             result = fetch_images(links, layout.images_dir, params.fetch, progress=_progress(bar))
         metrics = result.as_metrics()

@@ -54,8 +54,7 @@ def run(params: Params) -> None:
     y, folds = train_targets(train.parsed)
     out_dir = layout.model_dir(STAGE)
     upstream = [layout.interim_dir, layout.features_dir]
-    data_files = [params.data.train_csv, params.data.test_csv]
-    with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
+    with tracking.stage_run(STAGE, params, inputs=upstream) as run:
         started = time.perf_counter()
         with tqdm(total=len(np.unique(folds)) + 1, desc="neighbour folds", disable=None) as bar:
             train_features = oof_features(cfg, _rows(train), y, folds, lambda k: bar.update())

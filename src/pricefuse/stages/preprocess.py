@@ -132,7 +132,6 @@ def _log_split(split: str, rows_in: int, parsed: pd.DataFrame, report: ParseRepo
 
 def run(params: Params) -> None:
     layout = Layout(params.data)
-    data_files = [params.data.train_csv, params.data.test_csv]
     raw = {
         "train": read_raw(params.data.train_csv, "train"),
         "test": read_raw(params.data.test_csv, "test"),
@@ -149,9 +148,7 @@ def run(params: Params) -> None:
             f"preprocess: no image manifest at {layout.manifest}; has_image is False for every row "
             "(run fetch_images first to use images)"
         )
-    with tracking.stage_run(
-        STAGE, params, upstream=[layout.images_dir], data_files=data_files
-    ) as run:
+    with tracking.stage_run(STAGE, params, inputs=[layout.images_dir]) as run:
         mlflow.set_tag("image_manifest", str(layout.manifest) if has_manifest else "none")
         train, drops = clean_prices(raw["train"], params.preprocess.min_price)
         if train.empty:

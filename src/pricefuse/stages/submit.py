@@ -38,8 +38,7 @@ def run(params: Params) -> None:
         raise StageError(f"submit.source must be one of {SOURCES}, got {source!r}")
     test_ids = pd.read_csv(params.data.test_csv, usecols=[ID])[ID]
     upstream = [layout.model_dir("ensemble")]
-    data_files = [params.data.train_csv, params.data.test_csv]
-    with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
+    with tracking.stage_run(STAGE, params, inputs=upstream) as run:
         frame = (
             _from_test_predictions(layout)
             if source == "test_predictions"

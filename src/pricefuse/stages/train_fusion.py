@@ -90,8 +90,7 @@ def run(params: Params) -> None:
     test = load_split(params, "test")
     out_dir = layout.model_dir(MEMBER)
     upstream = stage_upstream(params, MEMBER)
-    data_files = [params.data.train_csv, params.data.test_csv]
-    with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
+    with tracking.stage_run(STAGE, params, inputs=upstream) as run:
         try:
             result = train_kfold(train, params.fusion, params.seed, progress=True)
         except ValueError as exc:

@@ -93,9 +93,8 @@ def run(params: Params) -> None:
     y, folds = train_targets(train)
     out_dir = layout.model_dir("gbdt")
     upstream = stage_upstream(params, "gbdt")
-    data_files = [params.data.train_csv, params.data.test_csv]
 
-    with tracking.stage_run(STAGE, params, upstream=upstream, data_files=data_files) as run:
+    with tracking.stage_run(STAGE, params, inputs=upstream) as run:
         total = len(cfg.boosters) * len(np.unique(folds))
         with tqdm(total=total, desc="gbdt folds", unit="fit", disable=None) as bar:
 
