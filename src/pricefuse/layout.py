@@ -20,6 +20,13 @@ SPLITS = ("train", "test")
 MANIFEST_COLUMNS = ("link", "path", "status", "bytes", "attempts", "error")
 IMAGE_OK_STATUSES = ("ok", "cached")
 
+
+def image_manifest(images_dir: Path | str) -> Path:
+    """The manifest of an image cache directory: one definition for the cache that writes it and
+    the stages that read it through `Layout.manifest`."""
+    return Path(images_dir) / "manifest.csv"
+
+
 # preprocess: parsed table per split (parquet), row order = raw CSV order minus dropped rows.
 ID = "sample_id"
 TEXT = "text"  # the encoder input: item name + bullets + description
@@ -45,7 +52,7 @@ class Layout:
 
     @property
     def manifest(self) -> Path:
-        return self.images_dir / "manifest.csv"
+        return image_manifest(self.images_dir)
 
     # preprocess
     @property

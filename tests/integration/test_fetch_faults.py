@@ -16,22 +16,25 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from pricefuse.config import FetchConfig, params_from_dict
 from pricefuse.data.images import FetchResult, cache_stem, fetch_images, validate_image
 from pricefuse.layout import MANIFEST_COLUMNS
 from tests.integration.faulty_server import FaultyServer, Route, load_images, png_bomb
+from tests.support import PARAMS_YAML, project_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.network]
 
 REAL_IMAGES = Path(__file__).resolve().parents[2].parent / "shared/data/amazon2025/images"
+FETCH = project_params().fetch
 # Small timeouts and backoffs keep the whole module fast; the logic is the production one.
-FAST = FetchConfig(
+FAST = replace(
+    FETCH,
     concurrency=8,
     per_host=8,
     connect_timeout=1.0,
@@ -67,7 +70,7 @@ def assert_nothing_partial(cache: Path, result: FetchResult) -> None:
     valid = {Path(r.path).name for r in result.records if r.path}
     assert {p.name for p in cache_files(cache)} == valid
     for path in cache_files(cache):
-        validate_image(path.read_bytes())
+        validate_image(path.read_bytes(), FETCH)
 
 
 def manifest_on_disk(path: Path) -> list[tuple[str, ...]]:
@@ -148,7 +151,7 @@ def test_every_fault_ends_in_the_server_ground_truth(tmp_path: Path, bodies: lis
 def test_downscaled_on_write(tmp_path: Path, bodies: list[bytes]) -> None:
     routes = {f"/img{i}.jpg": Route(body) for i, body in enumerate(bodies[:6])}
     routes["/slow.jpg"] = Route(bodies[6], script=("slow",))
-    cfg = FetchConfig(**{**FAST.__dict__, "max_side": 64})
+    cfg = replace(FAST, max_side=64)
     with FaultyServer(routes, slow_seconds=1.0) as server:
         result = fetch_images([server.url(p) for p in routes], tmp_path, cfg)
     for path, record in zip(routes, result.records, strict=True):
@@ -175,7 +178,7 @@ def test_unreachable_host_fails_fast_in_one_line(
 ) -> None:
     dead = f"http://127.0.0.1:{closed_port()}"
     routes = {f"/ok{i}.jpg": Route(bodies[i]) for i in range(4)}
-    cfg = FetchConfig(**{**FAST.__dict__, "retries": 5, "backoff_base": 0.2})
+    cfg = replace(FAST, retries=5, backoff_base=0.2)
     with FaultyServer(routes) as server, caplog.at_level(logging.WARNING):
         dead_links = [f"{dead}/img/{i}.jpg" for i in range(40)]
         started = time.perf_counter()
@@ -195,10 +198,12 @@ def test_unreachable_host_fails_fast_in_one_line(
 
 FETCH_SCRIPT = """
 import sys
-from pricefuse.config import FetchConfig
+from dataclasses import replace
+from pricefuse.config import load_params
 from pricefuse.data.images import fetch_images
 links = open(sys.argv[1]).read().split()
-cfg = FetchConfig(concurrency=4, per_host=4, read_timeout=5.0, max_side=0)
+fetch = load_params(sys.argv[3]).fetch
+cfg = replace(fetch, concurrency=4, per_host=4, read_timeout=5.0, max_side=0)
 print(fetch_images(links, sys.argv[2], cfg).counts)
 """
 
@@ -209,7 +214,7 @@ def test_kill_9_then_restart_downloads_nothing_valid_again(
     routes = {f"/img/{i}.jpg": Route(bodies[i % len(bodies)]) for i in range(150)}
     cache = tmp_path / "images"
     links_file = tmp_path / "links.txt"
-    command = [sys.executable, "-c", FETCH_SCRIPT, str(links_file), str(cache)]
+    command = [sys.executable, "-c", FETCH_SCRIPT, str(links_file), str(cache), str(PARAMS_YAML)]
     with FaultyServer(routes, delay=0.03) as server:
         links = [server.url(p) for p in routes]
         links_file.write_text("\n".join(links))
@@ -225,7 +230,7 @@ def test_kill_9_then_restart_downloads_nothing_valid_again(
         landed = {p.name.partition(".")[0] for p in cache_files(cache) if p.suffix == ".jpg"}
         for path in cache_files(cache):
             if not path.name.endswith(".part"):
-                validate_image(path.read_bytes())  # whatever has a final name is complete
+                validate_image(path.read_bytes(), FETCH)  # whatever has a final name is complete
         done = [link for link in links if cache_stem(link) in landed]
         assert 0 < len(done) < len(links), "the kill did not land mid-run"
 
@@ -262,11 +267,9 @@ def test_stage_logs_counts_to_mlflow_and_resumes(
     local.parent.mkdir(parents=True)
     local.write_bytes(bodies[20])
     routes = {f"/p{i}.jpg": Route(bodies[i]) for i in range(4)} | {"/gone.jpg": Route(then="404")}
-    params = params_from_dict(
-        {
-            "data": {"train_csv": "train.csv", "test_csv": "test.csv", "images_dir": "data/images"},
-            "fetch": {k: v for k, v in FAST.__dict__.items()},
-        }
+    params = project_params(
+        data={"train_csv": "train.csv", "test_csv": "test.csv", "images_dir": "data/images"},
+        fetch=asdict(FAST),
     )
     with FaultyServer(routes) as server:
         urls = [server.url(p) for p in routes]

@@ -1,32 +1,110 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pricefuse import config
 from pricefuse.config import ConfigError, Params, flatten, load_params, params_from_dict
+from tests.support import PARAMS_YAML, project_params
 
-ROOT = Path(__file__).resolve().parents[2]
+
+def _schema_classes(cls: type = Params) -> list[type]:
+    """Params and every section class reachable from it (nested sections included)."""
+    found = [cls]
+    for annotation in typing.get_type_hints(cls).values():
+        if dataclasses.is_dataclass(annotation):
+            found.extend(_schema_classes(annotation))
+    return found
 
 
-def test_params_yaml_matches_schema_and_defaults():
-    params = load_params(ROOT / "params.yaml")
+def _copy_params(tmp_path: Path, edit: typing.Callable[[dict], None]) -> Path:
+    """A copy of the real params.yaml with `edit` applied to its tree."""
+    tree = yaml.safe_load(PARAMS_YAML.read_text())
+    edit(tree)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def test_params_yaml_matches_schema():
+    params = load_params(PARAMS_YAML)
     assert isinstance(params, Params)
-    # every key in params.yaml is known, and the dataclass defaults mirror the file
-    assert params == params_from_dict(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    assert params == Params(), "config.py defaults drifted from params.yaml"
+    assert params == params_from_dict(yaml.safe_load(PARAMS_YAML.read_text()))
+    assert params == project_params()
+
+
+def test_no_schema_field_has_a_default():
+    """params.yaml is the only place a value lives: a default here would be a second copy."""
+    with_default = [
+        f"{cls.__name__}.{f.name}"
+        for cls in _schema_classes()
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert with_default == []
+    # every section class of the module is part of the schema, so the check above saw them all
+    module_classes = {
+        obj
+        for obj in vars(config).values()
+        if dataclasses.is_dataclass(obj) and obj.__module__ == config.__name__
+    }
+    assert module_classes == set(_schema_classes())
+
+
+def test_missing_keys_fail_naming_every_dotted_key(tmp_path: Path):
+    def drop(tree: dict) -> None:
+        del tree["fusion"]["lr"]
+        del tree["gbdt"]["lightgbm"]["num_leaves"]
+        del tree["submit"]
+
+    path = _copy_params(tmp_path, drop)
+    with pytest.raises(ConfigError) as failure:
+        load_params(path)
+    message = str(failure.value)
+    assert "missing parameter(s) fusion.lr, gbdt.lightgbm.num_leaves, submit" in message
+    assert str(path) in message
+
+
+def test_a_changed_value_in_the_file_is_the_value_loaded(tmp_path: Path):
+    def change(tree: dict) -> None:
+        tree["fusion"]["lr"] = 0.0123
+        tree["gbdt"]["lightgbm"]["num_leaves"] = 7
+        tree["neighbours"]["spaces"] = ["image"]
+
+    params = load_params(_copy_params(tmp_path, change))
+    assert params.fusion.lr == pytest.approx(0.0123)
+    assert params.gbdt.lightgbm.num_leaves == 7
+    assert params.neighbours.spaces == ("image",)
+    assert dataclasses.replace(
+        params,
+        fusion=project_params().fusion,
+        gbdt=project_params().gbdt,
+        neighbours=project_params().neighbours,
+    ) == load_params(PARAMS_YAML)
+
+
+def test_project_params_merges_sections_and_validates():
+    params = project_params(seed=5, gbdt={"lightgbm": {"num_leaves": 7}})
+    assert params.seed == 5
+    assert params.gbdt.lightgbm.num_leaves == 7
+    assert params.gbdt.lightgbm.subsample == load_params(PARAMS_YAML).gbdt.lightgbm.subsample
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        project_params(gbdt={"lightgbm": {"leaves": 7}})
 
 
 def test_dotted_override_is_typed_and_local():
-    before = (ROOT / "params.yaml").read_text()
-    params = load_params(ROOT / "params.yaml", ["fusion.lr=1e-3", "gbdt.boosters=[lightgbm]"])
+    before = PARAMS_YAML.read_text()
+    params = load_params(PARAMS_YAML, ["fusion.lr=1e-3", "gbdt.boosters=[lightgbm]"])
     assert params.fusion.lr == pytest.approx(0.001)
     assert params.gbdt.boosters == ("lightgbm",)
-    assert (ROOT / "params.yaml").read_text() == before
+    assert PARAMS_YAML.read_text() == before
 
 
 def test_empty_override_means_as_in_params():
-    params = load_params(ROOT / "params.yaml", ["fusion.lr=", "fusion.epochs="])
-    assert params.fusion.lr == Params().fusion.lr
+    params = load_params(PARAMS_YAML, ["fusion.lr=", "fusion.epochs="])
+    assert params.fusion == load_params(PARAMS_YAML).fusion
 
 
 @pytest.mark.parametrize(
@@ -37,16 +115,18 @@ def test_empty_override_means_as_in_params():
         ("fusion.lr=fast", "number"),
         ("neighbours.as_features=3", "true/false"),
         ("fusion", "key=value"),
+        ("gbdt.lightgbm={}", r"missing parameter\(s\) gbdt\.lightgbm\.num_leaves"),
     ],
 )
 def test_bad_overrides_fail_loudly(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_params(ROOT / "params.yaml", [override])
+        load_params(PARAMS_YAML, [override])
 
 
 def test_flatten_uses_dotted_keys():
-    flat = flatten(Params())
-    assert flat["fusion.lr"] == Params().fusion.lr
-    assert flat["gbdt.lightgbm.num_leaves"] == 31
-    assert flat["ensemble.members"] == ",".join(Params().ensemble.members)
-    assert flat["neighbours.spaces"].startswith("tfidf_name")
+    params = project_params(gbdt={"lightgbm": {"num_leaves": 17}})
+    flat = flatten(params)
+    assert flat["fusion.lr"] == params.fusion.lr
+    assert flat["gbdt.lightgbm.num_leaves"] == 17
+    assert flat["ensemble.members"] == ",".join(params.ensemble.members)
+    assert flat["neighbours.spaces"] == ",".join(params.neighbours.spaces)

@@ -1,4 +1,5 @@
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,17 @@ from PIL import Image
 from pricefuse.config import DemoConfig
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.demo import GOLD, generate_demo
+from tests.support import project_params
 
-CFG = DemoConfig(
+DEMO = project_params().demo
+
+
+def demo_config(**changes: object) -> DemoConfig:
+    """params.yaml's demo section with `changes`."""
+    return replace(DEMO, **changes)
+
+
+CFG = demo_config(
     n_train=600,
     n_test=150,
     image_size=64,
@@ -121,7 +131,7 @@ def _all_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_and_relative_links(tmp_path: Path, monkeypatch) -> None:
-    small = DemoConfig(n_train=60, n_test=15, image_size=48)
+    small = demo_config(n_train=60, n_test=15, image_size=48)
     trees = []
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -138,7 +148,7 @@ def test_same_seed_same_bytes_and_relative_links(tmp_path: Path, monkeypatch) ->
 
 
 def test_regeneration_removes_stale_images(tmp_path: Path) -> None:
-    cfg = DemoConfig(n_train=80, n_test=20, image_size=40, broken_link_rate=0.1)
+    cfg = demo_config(n_train=80, n_test=20, image_size=40, broken_link_rate=0.1)
     generate_demo(cfg, seed=1, out_dir=tmp_path)
     generate_demo(cfg, seed=2, out_dir=tmp_path)
     train = pd.read_csv(tmp_path / "train.csv", keep_default_na=False)
@@ -151,11 +161,11 @@ def test_regeneration_removes_stale_images(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "bad",
     [
-        DemoConfig(n_train=5),
-        DemoConfig(n_test=0),
-        DemoConfig(image_size=8),
-        DemoConfig(missing_image_rate=0.6),
-        DemoConfig(broken_link_rate=-0.1),
+        demo_config(n_train=5),
+        demo_config(n_test=0),
+        demo_config(image_size=8),
+        demo_config(missing_image_rate=0.6),
+        demo_config(broken_link_rate=-0.1),
     ],
 )
 def test_invalid_config_is_rejected(bad: DemoConfig, tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from pricefuse import tracking
-from pricefuse.config import params_from_dict
 from pricefuse.errors import StageError
 from pricefuse.features import row_hash
 from pricefuse.layout import Layout
+from tests.support import project_params
 
 TRAIN = pd.DataFrame(
     {
@@ -65,12 +65,10 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _params(**embed: object):
-    return params_from_dict(
-        {
-            "mlflow": {"experiment": "embed-test"},
-            "data": {"train_csv": "data/raw/train.csv", "test_csv": "data/raw/test.csv"},
-            "embed": {"text_batch_size": 2, "image_batch_size": 2, "image_size": 64, **embed},
-        }
+    return project_params(
+        mlflow={"experiment": "embed-test"},
+        data={"train_csv": "data/raw/train.csv", "test_csv": "data/raw/test.csv"},
+        embed={"text_batch_size": 2, "image_batch_size": 2, "image_size": 64, **embed},
     )
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_tabular import embeddings, parsed_frame
 
-from pricefuse.config import GbdtConfig, params_from_dict
+from pricefuse.config import GbdtConfig
 from pricefuse.features.tabular import Embeddings, FeatureMatrix, TabularFeaturizer
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.gbdt import (
@@ -20,6 +20,7 @@ from pricefuse.models.gbdt import (
     fold_features,
     train_kfold_boosters,
 )
+from tests.support import project_params
 
 N = 400
 
@@ -35,7 +36,7 @@ def small_config(**overrides: object) -> GbdtConfig:
         "objective": "l2",
         **overrides,
     }
-    return params_from_dict({"gbdt": gbdt}).gbdt
+    return project_params(gbdt=gbdt).gbdt
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import random
 import struct
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,9 +31,18 @@ from pricefuse.data.images import (
     validate_image,
 )
 from pricefuse.layout import MANIFEST_COLUMNS
+from tests.support import project_params
 
 REAL_IMAGES = Path(__file__).resolve().parents[2].parent / "shared/data/amazon2025/images"
-CFG = FetchConfig(max_side=0)
+FETCH = project_params().fetch
+
+
+def fetch_config(**changes: object) -> FetchConfig:
+    """params.yaml's fetch section with `changes`."""
+    return replace(FETCH, **changes)
+
+
+CFG = fetch_config(max_side=0)
 
 
 def encode(image: Image.Image, fmt: str, **options: object) -> bytes:
@@ -73,7 +83,7 @@ def jpeg() -> bytes:
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF"])
 def test_valid_images_are_kept_byte_identical(fmt: str) -> None:
     data = encode(photo(mode="P" if fmt == "GIF" else "RGB"), fmt)
-    prepared = prepare_image(data, FetchConfig(max_side=384))
+    prepared = prepare_image(data, fetch_config(max_side=384))
     assert prepared.data == data
     assert prepared.size == (320, 200) and not prepared.downscaled
 
@@ -86,7 +96,7 @@ def test_truncated_jpeg_is_rejected_though_its_header_opens(jpeg: bytes, fractio
         validate_image(cut, CFG)
     assert info.value.kind == "undecodable"
     with pytest.raises(ImageRejected):
-        prepare_image(cut, FetchConfig(max_side=64))  # the downscale path decodes it all too
+        prepare_image(cut, fetch_config(max_side=64))  # the downscale path decodes it all too
 
 
 def test_truncated_png_is_rejected() -> None:
@@ -124,7 +134,7 @@ def test_formats_outside_the_allow_list_are_not_decoded() -> None:
 def test_decompression_bombs_are_rejected_before_decoding(side: int) -> None:
     started = time.perf_counter()
     with pytest.raises(ImageRejected) as info:
-        validate_image(png_bomb(side, side), FetchConfig(max_pixels=40_000_000))
+        validate_image(png_bomb(side, side), fetch_config(max_pixels=40_000_000))
     assert info.value.kind == "too_many_pixels"
     assert "max_pixels" in str(info.value)
     assert time.perf_counter() - started < 0.5  # nothing was allocated or decoded
@@ -132,12 +142,12 @@ def test_decompression_bombs_are_rejected_before_decoding(side: int) -> None:
 
 def test_max_bytes_and_max_pixels_apply(jpeg: bytes) -> None:
     with pytest.raises(ImageRejected) as info:
-        validate_image(jpeg, FetchConfig(max_bytes=len(jpeg) - 1))
+        validate_image(jpeg, fetch_config(max_bytes=len(jpeg) - 1))
     assert info.value.kind == "too_large"
     with pytest.raises(ImageRejected) as info:
-        validate_image(jpeg, FetchConfig(max_pixels=320 * 200 - 1))
+        validate_image(jpeg, fetch_config(max_pixels=320 * 200 - 1))
     assert info.value.kind == "too_many_pixels"
-    assert validate_image(jpeg, FetchConfig(max_bytes=len(jpeg), max_pixels=320 * 200)) == "JPEG"
+    assert validate_image(jpeg, fetch_config(max_bytes=len(jpeg), max_pixels=320 * 200)) == "JPEG"
 
 
 # --- downscale --------------------------------------------------------------------------------
@@ -150,7 +160,7 @@ def test_max_bytes_and_max_pixels_apply(jpeg: bytes) -> None:
 def test_jpeg_downscale_keeps_aspect_and_format(
     size: tuple[int, int], expected: tuple[int, int]
 ) -> None:
-    prepared = prepare_image(encode(photo(size), "JPEG"), FetchConfig(max_side=200))
+    prepared = prepare_image(encode(photo(size), "JPEG"), fetch_config(max_side=200))
     image = Image.open(io.BytesIO(prepared.data))
     assert image.format == "JPEG" and prepared.ext == ".jpg"
     assert image.size == prepared.size == expected
@@ -161,12 +171,12 @@ def test_downscale_of_palette_and_alpha_images_becomes_png() -> None:
     rgba = photo((500, 250), mode="RGBA")
     rgba.putalpha(128)
     for source in (encode(rgba, "PNG"), encode(photo((500, 250), mode="P"), "GIF")):
-        prepared = prepare_image(source, FetchConfig(max_side=100))
+        prepared = prepare_image(source, fetch_config(max_side=100))
         image = Image.open(io.BytesIO(prepared.data))
         assert (image.format, image.size, prepared.ext) == ("PNG", (100, 50), ".png")
     assert (
         Image.open(
-            io.BytesIO(prepare_image(encode(rgba, "PNG"), FetchConfig(max_side=100)).data)
+            io.BytesIO(prepare_image(encode(rgba, "PNG"), fetch_config(max_side=100)).data)
         ).mode
         == "RGBA"
     )
@@ -179,10 +189,10 @@ def test_real_product_images_validate_and_detect_truncation() -> None:
     assert paths
     for path in paths:
         data = path.read_bytes()
-        assert validate_image(data) == "JPEG"
-        assert prepare_image(data, FetchConfig(max_side=384)).data == data  # already <= 384 px
+        assert validate_image(data, FETCH) == "JPEG"
+        assert prepare_image(data, fetch_config(max_side=384)).data == data  # already <= 384 px
         with pytest.raises(ImageRejected):
-            validate_image(data[: len(data) * 95 // 100])
+            validate_image(data[: len(data) * 95 // 100], FETCH)
 
 
 # --- small pure helpers -----------------------------------------------------------------------
@@ -200,7 +210,7 @@ def test_retry_after_parses_seconds_and_dates() -> None:
 
 
 def test_backoff_grows_exponentially_with_jitter_and_a_cap() -> None:
-    cfg = FetchConfig(backoff_base=0.5, backoff_max=3.0)
+    cfg = fetch_config(backoff_base=0.5, backoff_max=3.0)
     rng = random.Random(0)
     for attempt, step in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)]:
         delays = [backoff_delay(attempt, cfg, rng) for _ in range(200)]
@@ -306,7 +316,7 @@ def test_unrecorded_files_are_verified_not_refetched_and_parts_removed(project: 
 def test_changing_max_side_rebuilds_the_cache(project: Path) -> None:
     link = "data/raw/demo/images/5.jpg"  # 320 x 160
     assert fetch_images([link], "data/images", CFG).records[0].status == "ok"
-    small = fetch_images([link], "data/images", FetchConfig(max_side=80)).records[0]
+    small = fetch_images([link], "data/images", fetch_config(max_side=80)).records[0]
     assert small.status == "ok"
     assert Image.open(small.path).size == (80, 40)
     assert len(list((project / "data/images/files").iterdir())) == 1
@@ -316,7 +326,7 @@ def test_changing_max_side_rebuilds_the_cache(project: Path) -> None:
 
 
 def test_load_image_source_matches_the_cache_and_never_raises(project: Path) -> None:
-    cfg = FetchConfig(max_side=100)
+    cfg = fetch_config(max_side=100)
     link = "data/raw/demo/images/5.jpg"
     cached = Image.open(fetch_images([link], "data/images", cfg).records[0].path)
     data = Path(link).read_bytes()
@@ -340,4 +350,4 @@ def test_load_image_source_matches_the_cache_and_never_raises(project: Path) -> 
         {"link": "http://127.0.0.1:9/closed-port.jpg"},
         {"link": "ftp://example.invalid/x.jpg"},
     ):
-        assert load_image_source(**broken, cfg=FetchConfig(connect_timeout=0.5)) is None
+        assert load_image_source(**broken, cfg=fetch_config(connect_timeout=0.5)) is None

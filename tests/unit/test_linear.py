@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_neighbours import rows
 
-from pricefuse.config import LinearConfig
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.linear import LinearPredictor, fit_linear
+from tests.support import project_params
 
-CFG = LinearConfig(min_df=1, char_max_features=5000, alpha=1.0)
+CFG = replace(project_params().linear, min_df=1, char_max_features=5000, alpha=1.0)
 
 
 def test_learns_prices_from_tokens() -> None:

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricefuse.config import Params, params_from_dict
 from pricefuse.errors import StageError
 from pricefuse.layout import FOLD, ID, Layout
 from pricefuse.members import (
@@ -20,10 +19,11 @@ from pricefuse.members import (
     serving_producers,
 )
 from pricefuse.predictions import member_predictions
+from tests.support import project_params
 
 
 def test_every_default_member_has_a_producer_with_the_serving_interface() -> None:
-    params = Params()
+    params = project_params()
     for member in selected_members(params):
         producer = producer_of(member, params)
         module_name, class_name = producer.predictor.split(":")
@@ -38,24 +38,24 @@ def test_every_default_member_has_a_producer_with_the_serving_interface() -> Non
 
 def test_unknown_or_repeated_members_fail_with_the_known_names() -> None:
     with pytest.raises(UnknownMemberError, match="lightgbm"):
-        selected_members(params_from_dict({"ensemble": {"members": ["fusion", "nope"]}}))
+        selected_members(project_params(ensemble={"members": ["fusion", "nope"]}))
     with pytest.raises(UnknownMemberError, match="more than once"):
-        selected_members(params_from_dict({"ensemble": {"members": ["linear", "linear"]}}))
+        selected_members(project_params(ensemble={"members": ["linear", "linear"]}))
 
 
 def test_serving_loads_feature_providers_first_and_only_what_is_needed() -> None:
-    only_linear = params_from_dict({"ensemble": {"members": ["linear"]}})
+    only_linear = project_params(ensemble={"members": ["linear"]})
     assert [p.name for p in serving_producers(only_linear)] == ["neighbours", "linear"]
-    no_features = params_from_dict(
-        {"ensemble": {"members": ["linear"]}, "neighbours": {"as_features": False}}
+    no_features = project_params(
+        ensemble={"members": ["linear"]}, neighbours={"as_features": False}
     )
     assert [p.name for p in serving_producers(no_features)] == ["linear"]
-    assert serving_producers(Params())[0].name == "neighbours"
+    assert serving_producers(project_params())[0].name == "neighbours"
 
 
 def test_member_predictions_read_each_members_producer_file(tmp_path: Path) -> None:
-    params = params_from_dict(
-        {"data": {"models_dir": str(tmp_path)}, "ensemble": {"members": ["linear", "xgboost"]}}
+    params = project_params(
+        data={"models_dir": str(tmp_path)}, ensemble={"members": ["linear", "xgboost"]}
     )
     layout = Layout(params.data)
     ids = pd.Series([3, 1, 2])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from pricefuse.config import NeighboursConfig
 from pricefuse.features.neighbours import (
     NeighbourIndex,
     NeighbourRows,
@@ -17,6 +17,7 @@ from pricefuse.features.neighbours import (
     neighbour_stats,
     oof_features,
 )
+from tests.support import project_params
 
 BRANDS = ["acme", "zenith", "orbit", "delta", "nova", "pico", "quartz", "ridge"]
 PRODUCTS = ["green tea", "coffee beans", "olive oil", "dark chocolate", "hand soap", "rice"]
@@ -54,7 +55,7 @@ def rows(n: int, seed: int = 0) -> tuple[NeighbourRows, np.ndarray, np.ndarray]:
     return data, log_price, np.arange(n) % 5
 
 
-CFG = NeighboursConfig(k=5)
+CFG = replace(project_params().neighbours, k=5)
 
 
 def test_stats_weights_median_spread_and_band() -> None:

@@ -7,19 +7,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricefuse.config import params_from_dict
 from pricefuse.data.catalog import PARSED_COLUMNS
 from pricefuse.data.demo import generate_demo
 from pricefuse.errors import StageError
 from pricefuse.layout import MANIFEST_COLUMNS, Layout
 from pricefuse.stages import preprocess
+from tests.support import project_params
 
 DEMO = {"n_train": 120, "n_test": 30, "image_size": 40, "missing_image_rate": 0.1}
 BAD_PRICES = {0: "", 1: "abc", 2: "inf", 3: "0.001", 4: "nan"}
 
 
 def _params(**sections):
-    return params_from_dict({"demo": DEMO, "preprocess": {"n_folds": 3}, **sections})
+    return project_params(**{"demo": DEMO, "preprocess": {"n_folds": 3}, **sections})
 
 
 def _write_manifest(layout: Layout, links: list[str]) -> dict[str, str]:

@@ -4,18 +4,19 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 from click.testing import CliRunner
 
 from pricefuse.cli import main
-from pricefuse.config import Params, to_dict
+from tests.support import PARAMS_YAML, project_params
+
+PARAMS = project_params()
 
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(to_dict(Params())))
-    test_csv = tmp_path / Params().data.test_csv
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML.read_text())
+    test_csv = tmp_path / PARAMS.data.test_csv
     test_csv.parent.mkdir(parents=True)
     pd.DataFrame({"sample_id": [11, 12, 13], "catalog_content": ["a", "b", "c"]}).to_csv(
         test_csv, index=False
@@ -33,7 +34,7 @@ def test_valid_predictions_are_written_in_test_order(project: Path):
     _predictions(project, [13, 11, 12], [3.0, 1.0, 2.0])
     result = CliRunner().invoke(main, ["submit"])
     assert result.exit_code == 0, result.output
-    written = pd.read_csv(project / Params().data.submission_csv)
+    written = pd.read_csv(project / PARAMS.data.submission_csv)
     assert list(written.columns) == ["sample_id", "price"]
     assert written["sample_id"].tolist() == [11, 12, 13]
     assert written["price"].tolist() == [1.0, 2.0, 3.0]
@@ -53,4 +54,4 @@ def test_bad_predictions_exit_nonzero_and_write_nothing(project: Path, ids, pric
     result = CliRunner().invoke(main, ["submit"])
     assert result.exit_code == 1
     assert problem in result.output
-    assert not (project / Params().data.submission_csv).exists()
+    assert not (project / PARAMS.data.submission_csv).exists()

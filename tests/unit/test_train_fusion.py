@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 
-from pricefuse.config import FusionConfig, params_from_dict
 from pricefuse.layout import Layout
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.train import (
@@ -27,12 +26,14 @@ from pricefuse.models.train import (
     train_fold,
     train_kfold,
 )
+from tests.support import project_params
 
 UNIT_EFFECT = {"ounce": 0.0, "count": 0.5, "fl_oz": -0.4, "gram": 0.3, "none": -0.6}
 TEXT_DIM, IMAGE_DIM, N_FOLDS = 16, 8, 4
 # Every modality: the synthetic prices depend on the embeddings (params.yaml's default head
 # sees tabular inputs only; see the comment there).
-CFG = FusionConfig(
+CFG = dataclasses.replace(
+    project_params().fusion,
     lr=3e-3,
     epochs=30,
     batch_size=64,
@@ -216,13 +217,11 @@ def test_stage_writes_outputs_and_logs_the_run(tmp_path: Path, monkeypatch) -> N
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     fusion = dataclasses.asdict(dataclasses.replace(CFG, epochs=4))
-    params = params_from_dict(
-        {
-            "seed": 5,
-            "fusion": {**fusion, "stack_members": []},
-            "mlflow": {"experiment": "t"},
-            "neighbours": {"as_features": False},
-        }
+    params = project_params(
+        seed=5,
+        fusion={**fusion, "stack_members": []},
+        mlflow={"experiment": "t"},
+        neighbours={"as_features": False},
     )
     layout = Layout(params.data)
     train, test = synthetic(160, seed=5), synthetic(40, seed=6, with_target=False)

@@ -12,13 +12,14 @@ import pytest
 from test_tabular import embeddings, parsed_frame
 
 from pricefuse import tracking
-from pricefuse.config import Params, params_from_dict
+from pricefuse.config import Params
 from pricefuse.errors import StageError
 from pricefuse.features import row_hash
 from pricefuse.layout import Layout
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.gbdt import GbdtPredictor
 from pricefuse.stages import train_gbdt
+from tests.support import project_params
 
 BOOSTERS = ["lightgbm", "xgboost", "catboost"]
 
@@ -45,11 +46,9 @@ def write_inputs(layout: Layout, n_train: int = 150, n_test: int = 20) -> None:
 def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Params:
     monkeypatch.chdir(tmp_path)
     gbdt = {"n_estimators": 40, "learning_rate": 0.2, "early_stopping_rounds": 10}
-    params = params_from_dict(
-        {
-            "gbdt": {**gbdt, "text_pca": 3, "image_pca": 2, "max_bin": 63, "stack_members": []},
-            "neighbours": {"as_features": False},
-        }
+    params = project_params(
+        gbdt={**gbdt, "text_pca": 3, "image_pca": 2, "max_bin": 63, "stack_members": []},
+        neighbours={"as_features": False},
     )
     write_inputs(Layout(params.data))
     return params

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import NeighboursConfig
+from pricefuse.config import NeighboursConfig, section_from_dict
 from pricefuse.features.ngrams import (
     fit_vectorizer,
     load_vectorizer,
@@ -230,7 +230,10 @@ class NeighbourIndex:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: not a neighbour index directory")
         manifest = json.loads(path.read_text())
-        cfg = NeighboursConfig(**{**manifest["config"], "spaces": tuple(manifest["spaces"])})
+        # Typed like params.yaml (lists become tuples); an index saved before a parameter
+        # existed fails naming it instead of silently taking some value for it.
+        raw = {**manifest["config"], "spaces": manifest["spaces"]}
+        cfg = section_from_dict(NeighboursConfig, raw, "neighbours", source=str(path))
         spaces = {}
         for name in manifest["spaces"]:
             values = np.load(directory / f"{name}_values.npy")

@@ -26,7 +26,6 @@ from pricefuse.data.images.records import STATUSES, LinkRecord
 from pricefuse.data.images.source import load_image_source
 from pricefuse.data.images.validate import (
     ALLOWED_FORMATS,
-    DEFAULT_FETCH,
     ImageRejected,
     PreparedImage,
     prepare_image,
@@ -35,7 +34,6 @@ from pricefuse.data.images.validate import (
 
 __all__ = [
     "ALLOWED_FORMATS",
-    "DEFAULT_FETCH",
     "STATUSES",
     "FetchResult",
     "ImageCache",

@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from pricefuse.config import DataConfig, FetchConfig
+from pricefuse.config import FetchConfig
 from pricefuse.data.images.records import STATUSES, LinkRecord
 from pricefuse.data.images.validate import ImageRejected, prepare_image, validate_image
-from pricefuse.layout import IMAGE_OK_STATUSES, MANIFEST_COLUMNS, Layout
+from pricefuse.layout import IMAGE_OK_STATUSES, MANIFEST_COLUMNS, image_manifest
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class ImageCache:
         self.root = Path(cache_dir)
         self.files_dir = self.root / _FILES
         # The stage contract's path, derived so that the two cannot drift apart.
-        self.manifest_path = Layout(DataConfig(images_dir=str(self.root))).manifest
+        self.manifest_path = image_manifest(self.root)
         self.journal_path = self.root / _JOURNAL
         self.cfg = cfg
         self.files_dir.mkdir(parents=True, exist_ok=True)

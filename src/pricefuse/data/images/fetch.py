@@ -21,7 +21,6 @@ from pricefuse.data.images.cache import ImageCache
 from pricefuse.data.images.http import Fetcher
 from pricefuse.data.images.links import distinct_links
 from pricefuse.data.images.records import STATUSES, LinkRecord
-from pricefuse.data.images.validate import DEFAULT_FETCH
 from pricefuse.layout import IMAGE_OK_STATUSES
 
 T = TypeVar("T")
@@ -81,7 +80,7 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
 def fetch_images(
     links: Iterable[object],
     cache_dir: Path | str,
-    cfg: FetchConfig = DEFAULT_FETCH,
+    cfg: FetchConfig,
     *,
     progress: Callable[[LinkRecord], None] | None = None,
 ) -> FetchResult:

@@ -11,7 +11,7 @@ from PIL import Image
 from pricefuse.config import FetchConfig
 from pricefuse.data.images.http import USER_AGENT
 from pricefuse.data.images.links import link_kind, local_path
-from pricefuse.data.images.validate import DEFAULT_FETCH, prepare_image
+from pricefuse.data.images.validate import prepare_image
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def _http_bytes(url: str, cfg: FetchConfig) -> bytes | None:
 
 
 def load_image_source(
-    link: str | None = None, b64: str | None = None, cfg: FetchConfig = DEFAULT_FETCH
+    link: str | None = None, b64: str | None = None, *, cfg: FetchConfig
 ) -> Image.Image | None:
     """The image a serving row refers to, prepared exactly as the training cache would hold it
     (same validation, same downscale and re-encoding), or None when absent or broken.

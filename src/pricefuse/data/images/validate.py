@@ -15,8 +15,6 @@ from PIL import Image, UnidentifiedImageError
 
 from pricefuse.config import FetchConfig
 
-DEFAULT_FETCH = FetchConfig()
-
 # Formats a product image may come in. Restricting Image.open keeps PIL from handing untrusted
 # bytes to exotic plugins (EPS would even start Ghostscript).
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
@@ -115,7 +113,7 @@ def _validation_draft(image: Image.Image) -> None:
         image.draft(image.mode, (-(-width // 8), -(-height // 8)))
 
 
-def validate_image(data: bytes, cfg: FetchConfig = DEFAULT_FETCH, content_type: str = "") -> str:
+def validate_image(data: bytes, cfg: FetchConfig, content_type: str = "") -> str:
     """Decode all of `data`; return its format, or raise ImageRejected saying why it is unusable.
 
     Why decode everything: a truncated JPEG has a valid header, so `Image.open` (and even
@@ -143,9 +141,7 @@ def _mode_for(image: Image.Image, target_format: str) -> Image.Image:
     return image.convert("RGBA" if image.has_transparency_data else "RGB")
 
 
-def prepare_image(
-    data: bytes, cfg: FetchConfig = DEFAULT_FETCH, content_type: str = ""
-) -> PreparedImage:
+def prepare_image(data: bytes, cfg: FetchConfig, content_type: str = "") -> PreparedImage:
     """Validate `data` (full decode) and return the bytes to cache.
 
     Within `cfg.max_side` the original bytes are kept (byte-identical, no generation loss);
