@@ -258,7 +258,7 @@ def test_report_notebook_executes_on_the_outputs(project: Path):
     import nbformat
     from nbclient import NotebookClient
 
-    notebook = nbformat.read(Path(__file__).parents[2] / "notebooks/01_pipeline_report.ipynb", 4)
+    notebook = nbformat.read(Path(__file__).parents[2] / "notebooks/02_pipeline_report.ipynb", 4)
     NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(project)}}
     ).execute()
