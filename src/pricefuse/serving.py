@@ -168,6 +168,12 @@ def model_signature() -> Any:
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def input_example(test_csv: str | Path, rows: int = 3) -> pd.DataFrame:
+    """The first rows of the raw test CSV, in the request's columns: the model's input example."""
+    raw = pd.read_csv(test_csv, nrows=rows)
+    return raw[[c for c in (INPUT_TEXT, INPUT_IMAGE_LINK) if c in raw.columns]]
+
+
 def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[str, Any]:
     """Log the pyfunc (inside the active run) and register it when params say so.
 

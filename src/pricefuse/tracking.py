@@ -25,6 +25,7 @@ META_FILE = "meta.json"
 METRICS_DIR = Path("metrics")
 # Set by `pricefuse pipeline` under `mlflow run`: stage runs become children of that run.
 PARENT_RUN_ENV = "PRICEFUSE_PARENT_RUN_ID"
+SYSTEM_METRICS_INTERVAL_S = 2.0
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
@@ -137,6 +138,9 @@ def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> 
     configure(params.mlflow.experiment)
     # The sampler announces every start and stop at INFO: noise in each stage's output.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    if not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        # MLflow's 10 s default leaves most demo-sized stages without a single sample.
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     data_files = [Path(params.data.train_csv), Path(params.data.test_csv)]
     inputs = [Path(p) for p in inputs]
     sha, dirty = git_state()
