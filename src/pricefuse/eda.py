@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
+from pricefuse.config import FetchConfig, Params
 from pricefuse.data.catalog import parse_catalog, parse_frame
 from pricefuse.data.folds import assign_group_folds, fold_keys, text_group_key
 from pricefuse.data.images.links import link_kind, local_path
@@ -76,23 +77,29 @@ def _images_next_to(csv: Path) -> Path | None:
     return images if images.is_dir() else None
 
 
+def project_params(root: Path) -> Params:
+    """params.yaml of `root`, else of the checkout this module belongs to: the demo settings and
+    the image limits the analysis shares with the pipeline come from the one parameter file."""
+    from pricefuse.config import load_params
+
+    for candidate in (root / "params.yaml", Path(__file__).resolve().parents[2] / "params.yaml"):
+        if candidate.is_file():
+            return load_params(candidate)
+    return load_params(root / "params.yaml")  # raises ConfigError naming the missing file
+
+
 def _generate_demo(root: Path, n_train: int | None) -> Path:
     """Demo rows from the project's demo settings, in a temp folder (never over DVC outputs)."""
     from dataclasses import replace
 
-    from pricefuse.config import DemoConfig, load_params
     from pricefuse.data.demo import generate_demo
 
-    params_file = root / "params.yaml"
-    if params_file.is_file():
-        params = load_params(params_file)
-        cfg, seed = params.demo, params.seed
-    else:
-        cfg, seed = DemoConfig(), 42
+    params = project_params(root)
+    cfg = params.demo
     if n_train is not None:
         cfg = replace(cfg, n_train=n_train, n_test=max(1, n_train // 10))
     out = Path(tempfile.mkdtemp(prefix="pricefuse-eda-"))
-    generate_demo(cfg, seed=seed, out_dir=out)
+    generate_demo(cfg, seed=params.seed, out_dir=out)
     return out / "train.csv"
 
 
@@ -150,7 +157,7 @@ def file_sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def image_status(links: Sequence[object], files: Sequence[str]) -> pd.Series:
+def image_status(links: Sequence[object], files: Sequence[str], cfg: FetchConfig) -> pd.Series:
     """Per row: "no link", "not found" (link, no local file), "undecodable" or "ok".
 
     Decoding uses the pipeline's own validator, so "ok" means what the image encoder will see.
@@ -163,7 +170,7 @@ def image_status(links: Sequence[object], files: Sequence[str]) -> pd.Series:
         if not file:
             return "not found"
         try:
-            validate_image(Path(file).read_bytes())
+            validate_image(Path(file).read_bytes(), cfg)
         except ImageRejected:
             return "undecodable"
         return "ok"
@@ -185,7 +192,8 @@ def load_train(source: DataSource) -> pd.DataFrame:
     links = parsed["image_link"].tolist() if "image_link" in parsed else [""] * len(parsed)
     files = [resolve_image_file(link, source.root, source.images_dir) for link in links]
     parsed["image_file"] = files
-    parsed["image_status"] = image_status(links, files).to_numpy()
+    fetch = project_params(source.root).fetch
+    parsed["image_status"] = image_status(links, files, fetch).to_numpy()
     parsed["has_image"] = parsed["image_status"] == "ok"
     parsed["image_sha256"] = [file_sha256(f) for f in files]
     return parsed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,9 @@ import pytest
 from PIL import Image
 
 from pricefuse import eda
-from pricefuse.config import DemoConfig
 from pricefuse.data.catalog import format_catalog, parse_frame
 from pricefuse.data.demo import generate_demo
+from tests.support import project_params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -183,7 +184,7 @@ def test_images_resolved_by_path_and_by_name_then_decoded(tmp_path: Path):
     files = [eda.resolve_image_file(link, tmp_path, images) for link in links]
     assert files == ["", str(images / "good.jpg"), str(images / "bad.jpg"), "", ""]
     assert eda.resolve_image_file("https://cdn.example/x/good.jpg", tmp_path, None) == ""
-    statuses = eda.image_status(links, files)
+    statuses = eda.image_status(links, files, project_params().fetch)
     assert statuses.tolist() == ["no link", "ok", "undecodable", "not found", "not found"]
     funnel = eda.image_availability(statuses).set_index("stage")["rows"]
     assert funnel.tolist() == [5, 4, 2, 1]
@@ -249,7 +250,7 @@ def test_choose_source_generates_a_demo_when_there_is_none(
 
 
 def test_load_train_reads_a_demo_with_every_image_fate(tmp_path: Path):
-    cfg = DemoConfig(n_train=80, n_test=1, image_size=32, broken_link_rate=0.05)
+    cfg = replace(project_params().demo, n_train=80, n_test=1, image_size=32, broken_link_rate=0.05)
     generate_demo(cfg, seed=5, out_dir=tmp_path / "demo")
     train = eda.load_train(eda.choose_source(tmp_path, {eda.DATA_ENV: str(tmp_path / "demo")}))
     assert set(train["image_status"]) == set(eda.IMAGE_STATUSES)
@@ -262,7 +263,7 @@ def test_eda_notebook_executes_on_a_tiny_demo(tmp_path: Path, monkeypatch: pytes
     import nbformat
     from nbclient import NotebookClient
 
-    cfg = DemoConfig(n_train=120, n_test=1, image_size=32)
+    cfg = replace(project_params().demo, n_train=120, n_test=1, image_size=32)
     generate_demo(cfg, seed=7, out_dir=tmp_path / "demo")
     monkeypatch.setenv(eda.DATA_ENV, str(tmp_path / "demo"))
     path = os.pathsep.join(p for p in (str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
