@@ -72,7 +72,10 @@ PRODUCERS: tuple[Producer, ...] = (
         "linear", "train_linear", "pricefuse.models.linear:LinearPredictor", lambda p: ("linear",)
     ),
     Producer(
-        "fusion", "train_fusion", "pricefuse.models.train:FusionPredictor", lambda p: ("fusion",)
+        "fusion",
+        "train_fusion",
+        "pricefuse.models.fusion_predictor:FusionPredictor",
+        lambda p: ("fusion",),
     ),
     Producer(
         "gbdt",

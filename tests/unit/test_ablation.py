@@ -8,10 +8,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 from test_train_fusion import CFG, synthetic
 
-from pricefuse.models.ablation import fusion_modality_table, member_table
+from pricefuse.errors import StageError
+from pricefuse.models.ablation import fusion_modality_table, member_table, run_ablation
 from pricefuse.reports import ablation_key, ablation_report
+from tests.support import project_params
 
 
 def test_member_table_and_report_round_trip(tmp_path: Path) -> None:
@@ -38,3 +42,41 @@ def test_fusion_modality_rows_use_the_same_folds() -> None:
     assert list(table["name"]) == ["text only", "all"]
     assert np.isfinite(table["smape_oof"]).all()
     assert table["smape_oof"].nunique() == 2  # the variants really differ
+
+
+def test_core_returns_table_metrics_and_bar_plot(tmp_path: Path) -> None:
+    """The stage's core, without MLflow: one metric per table row (the keys metrics/ablation.json
+    and `pricefuse evaluate` use), the table, and the bar plot dvc.yaml declares."""
+    train = synthetic(100, seed=3)
+    rng = np.random.default_rng(1)
+    oof = np.column_stack([train.target + rng.normal(0, s, len(train)) for s in (0.1, 0.5)])
+    cfg = dataclasses.replace(CFG, epochs=2)
+
+    record = run_ablation(cfg, 0, ["tabular", "all"], train, oof, ["good", "noisy"])
+
+    table = record.tables["ablation_table.json"]
+    assert list(table.columns) == ["group", "name", "smape_oof"]
+    assert list(table["name"])[-2:] == ["tabular only", "all"]
+    assert record.metrics == {
+        ablation_key(g, n): v for g, n, v in table.itertuples(index=False, name=None)
+    }
+    assert {"member_alone/good", "blend_without/noisy", "fusion_head/all"} <= set(record.metrics)
+    assert table.to_string(index=False) in record.summary
+    [plot] = record.plots
+    record.write_plots("ablation", tmp_path)
+    bars = pd.read_csv(tmp_path / "ablation" / f"{plot.name}.csv")
+    assert plot.name == "ablation" and list(bars.columns) == ["label", "value"]
+    assert bars["label"].tolist()[-1] == "fusion head: all"
+    np.testing.assert_allclose(bars["value"], table["smape_oof"], rtol=1e-5)
+
+
+def test_unknown_variants_and_members_are_stage_errors() -> None:
+    train = synthetic(40, seed=3)
+    oof = train.target[:, None]
+    with pytest.raises(StageError, match=r"ablation.fusion_variants: unknown \['sound'\]"):
+        run_ablation(CFG, 0, ["text", "sound"], train, oof, ["good"])
+
+    from pricefuse.stages import ablation
+
+    with pytest.raises(StageError, match=r"ensemble\.members: .*nope"):
+        ablation.run(project_params(ensemble={"members": ["fusion", "nope"]}))

@@ -16,20 +16,20 @@ import torch
 
 from pricefuse.layout import Layout
 from pricefuse.metrics import smape_from_log
-from pricefuse.models.train import (
-    MANIFEST,
-    UNK,
-    FusionPredictor,
-    InputSpec,
-    KFoldResult,
-    SplitData,
-    train_fold,
-    train_kfold,
-)
+from pricefuse.models.fusion_inputs import UNK, InputSpec, SplitData
+from pricefuse.models.fusion_member import MODEL_ARTIFACT_PATH, train_fusion_member
+from pricefuse.models.fusion_predictor import MANIFEST, FusionPredictor
+from pricefuse.models.fusion_training import KFoldResult, train_fold, train_kfold
 from tests.support import project_params
 
 UNIT_EFFECT = {"ounce": 0.0, "count": 0.5, "fl_oz": -0.4, "gram": 0.3, "none": -0.6}
 TEXT_DIM, IMAGE_DIM, N_FOLDS = 16, 8, 4
+# The plots dvc.yaml declares for train_fusion, with the columns its plot definitions read.
+FUSION_PLOTS = {
+    "pred_vs_actual": ["actual", "predicted"],
+    "smape_by_decile": ["decile", "price_low", "price_high", "fusion"],
+    "learning_curves": ["epoch", "train_loss", "val_smape"],
+}
 # Every modality: the synthetic prices depend on the embeddings (params.yaml's default head
 # sees tabular inputs only; see the comment there).
 CFG = dataclasses.replace(
@@ -252,7 +252,9 @@ def test_stage_writes_outputs_and_logs_the_run(tmp_path: Path, monkeypatch) -> N
         assert sorted(m.step for m in curve) == list(range(1, len(curve) + 1))
         assert len(client.get_metric_history(run.info.run_id, f"train_loss_fold_{k}")) == len(curve)
     plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert {"train_fusion_learning_curves.png", "train_fusion_pred_vs_actual.png"} <= plots
+    expected = {f"{n}.{ext}" for n in FUSION_PLOTS for ext in ("csv", "png")}
+    assert expected == plots
+    assert {p.name for p in (tmp_path / "plots" / "train_fusion").iterdir()} == expected
 
     # The logged model is the whole predictor: it reproduces the stage's test predictions.
     local = mlflow.artifacts.download_artifacts(
@@ -261,6 +263,63 @@ def test_stage_writes_outputs_and_logs_the_run(tmp_path: Path, monkeypatch) -> N
     logged = FusionPredictor.load(local)
     again = logged.predict(test.frame, test.text, test.image, test.image_mask)
     np.testing.assert_array_equal(again, test_pred["fusion"].to_numpy())
+
+
+def test_member_core_returns_the_record_without_mlflow(tmp_path: Path) -> None:
+    """The stage's core trains, writes the model and predictions, and returns everything the
+    stage records; no tracking store is involved."""
+    models_dir = tmp_path / "models"
+    layout = Layout(project_params(data={"models_dir": str(models_dir)}).data)
+    model_dir = layout.model_dir("fusion")
+    model_dir.mkdir(parents=True)
+    (model_dir / "fold_9.pt").write_bytes(b"from a run with more folds")
+    train, test = synthetic(160, seed=5), synthetic(40, seed=6, with_target=False)
+    cfg = dataclasses.replace(CFG, epochs=3)
+
+    record = train_fusion_member(cfg, 5, train, test, layout)
+
+    assert not (model_dir / "fold_9.pt").exists()
+    folds = [f"fold_{k}" for k in range(N_FOLDS)]
+    expected_metrics = {"smape_oof", "train_seconds"}
+    expected_metrics |= {f"smape_fold_{k}" for k in range(N_FOLDS)}
+    expected_metrics |= {f"best_epoch_{f}" for f in folds}
+    assert set(record.metrics) == expected_metrics
+    assert set(record.step_metrics) == {
+        f"{s}_{f}" for s in ("train_loss", "val_smape") for f in folds
+    }
+    for fold in folds:
+        curve = record.step_metrics[f"val_smape_{fold}"]
+        assert 1 <= record.metrics[f"best_epoch_{fold}"] <= len(curve) <= cfg.epochs
+        assert len(record.step_metrics[f"train_loss_{fold}"]) == len(curve)
+    assert [p.name for p in record.plots] == list(FUSION_PLOTS)
+    files = record.artifacts[MODEL_ARTIFACT_PATH]
+    assert [f.name for f in files] == [MANIFEST, *(f"{f}.pt" for f in folds)]
+    meta = record.meta[model_dir]
+    assert meta["smape_oof"] == record.metrics["smape_oof"]
+    assert meta["fold_smape"] == [record.metrics[f"smape_fold_{k}"] for k in range(N_FOLDS)]
+    assert meta["model_artifact_path"] == MODEL_ARTIFACT_PATH and meta["manifest"] == MANIFEST
+    assert "fusion OOF SMAPE" in record.summary
+
+    oof = pd.read_parquet(layout.oof_predictions("fusion"))
+    assert record.metrics["smape_oof"] == pytest.approx(smape_from_log(train.target, oof["fusion"]))
+    saved = FusionPredictor.load(model_dir)
+    test_pred = pd.read_parquet(layout.test_predictions("fusion"))["fusion"].to_numpy()
+    np.testing.assert_array_equal(
+        test_pred, saved.predict(test.frame, test.text, test.image, test.image_mask)
+    )
+    assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "mlruns").exists()
+
+    written = record.write_plots("train_fusion", tmp_path / "plots")
+    assert {p.name for p in written} == {f"{n}.{e}" for n in FUSION_PLOTS for e in ("csv", "png")}
+    for name, columns in FUSION_PLOTS.items():
+        frame = pd.read_csv(tmp_path / "plots" / "train_fusion" / f"{name}.csv")
+        assert list(frame.columns) == columns, name
+        assert frame.notna().all().all() and len(frame) > 0
+    curves = pd.read_csv(tmp_path / "plots" / "train_fusion" / "learning_curves.csv")
+    longest = max(len(c) for c in record.step_metrics.values())
+    assert curves["epoch"].tolist() == list(range(1, longest + 1))
+    first = [record.step_metrics[f"val_smape_{f}"][0] for f in folds]
+    assert curves["val_smape"].iloc[0] == pytest.approx(np.mean(first), rel=1e-5)
 
 
 def test_left_out_modalities_cannot_move_the_prediction() -> None:

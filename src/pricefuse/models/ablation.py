@@ -12,11 +12,17 @@ from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
+from pricefuse import records
 from pricefuse.config import FusionConfig
+from pricefuse.errors import StageError
 from pricefuse.metrics import smape
 from pricefuse.models.ensemble import fit_blend_weights, leave_one_out, to_price
-from pricefuse.models.train import MODALITY_GROUPS, SplitData, train_kfold
+from pricefuse.models.fusion_inputs import MODALITY_GROUPS, SplitData
+from pricefuse.models.fusion_training import train_kfold
+from pricefuse.records import StageRecord
+from pricefuse.reports import ablation_key
 
 FUSION_VARIANTS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -24,6 +30,7 @@ FUSION_VARIANTS: dict[str, tuple[str, ...]] = {
     "tabular": ("tabular",),
     "all": MODALITY_GROUPS,
 }
+TITLE = "Ablation: OOF SMAPE (%), lower is better"
 
 
 def member_table(members_oof: np.ndarray, names: Sequence[str], y_log: np.ndarray) -> pd.DataFrame:
@@ -63,3 +70,40 @@ def fusion_modality_table(
         if on_variant is not None:
             on_variant(label)
     return pd.DataFrame(rows)
+
+
+def run_ablation(
+    cfg: FusionConfig,
+    seed: int,
+    variants: Sequence[str],
+    train: SplitData,
+    members_oof: np.ndarray,
+    members: Sequence[str],
+) -> StageRecord:
+    """The `ablation` stage's work: the member table over `members_oof` (columns in `members`
+    order, rows in `train` order) and the fusion head retrained on each of `variants`.
+
+    The rows become `<group>/<name>` metrics (pricefuse.reports.ablation_key): the stage's
+    metrics file (metrics/ablation.json, which DVC shows and diffs) mirrors them, and
+    `pricefuse evaluate` reads the table back from it.
+    """
+    unknown = sorted(set(variants) - set(FUSION_VARIANTS))
+    if unknown:
+        raise StageError(
+            f"ablation.fusion_variants: unknown {unknown}; known: {', '.join(FUSION_VARIANTS)}"
+        )
+    table = member_table(members_oof, members, train.target)
+    with tqdm(total=len(variants), desc="fusion variants", disable=None) as bar:
+        try:
+            fusion = fusion_modality_table(train, cfg, seed, variants, lambda label: bar.update())
+        except ValueError as exc:
+            raise StageError(str(exc)) from exc
+    table = pd.concat([table, fusion], ignore_index=True)
+    table["smape_oof"] = table["smape_oof"].round(4)
+    labels = [f"{g}: {n}" for g, n in zip(table["group"], table["name"], strict=True)]
+    return StageRecord(
+        summary=f"ablation (OOF SMAPE %):\n{table.to_string(index=False)}",
+        metrics={ablation_key(g, n): v for g, n, v in table.itertuples(index=False, name=None)},
+        plots=[records.bars("ablation", labels, table["smape_oof"].tolist(), TITLE)],
+        tables={"ablation_table.json": table},
+    )

@@ -1,0 +1,121 @@
+"""The saved fusion model: the fold models of one training run, averaged.
+
+A fitted `InputSpec` and its trained `FusionHead` form a `FoldModel`; `FusionPredictor` is the
+fold models of one K-fold run, saved as `predictor.json` (specs and architectures, readable) +
+`fold_k.pt` (weights). The ensemble and the served model load it by the registry's string
+`pricefuse.models.fusion_predictor:FusionPredictor` (pricefuse.members).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pricefuse.models.fusion import FusionArch, FusionHead
+from pricefuse.models.fusion_inputs import FusionInputs, InputSpec, SplitData
+
+if TYPE_CHECKING:
+    from pricefuse.members import MemberBatch
+
+# Rows per forward pass at prediction time: bounds memory for large test sets.
+PREDICT_BATCH = 8192
+MANIFEST = "predictor.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FoldModel:
+    """One fold's fitted spec and trained head."""
+
+    spec: InputSpec
+    head: FusionHead
+
+    @torch.inference_mode()
+    def predict_inputs(self, inputs: FusionInputs) -> np.ndarray:
+        """Clipped log1p predictions for already built inputs (eval mode: no dropout)."""
+        was_training = self.head.training
+        self.head.eval()
+        out = [
+            self.head(*inputs.features(slice(start, start + PREDICT_BATCH))).numpy()
+            for start in range(0, len(inputs), PREDICT_BATCH)
+        ]
+        self.head.train(was_training)
+        pred = np.concatenate(out).astype(np.float64) if out else np.zeros(0)
+        return self.spec.clip(pred)
+
+    def predict(self, data: SplitData) -> np.ndarray:
+        return self.predict_inputs(self.spec.build(data))
+
+
+class FusionPredictor:
+    """The fold models of one training run; predicts the mean of their log1p predictions.
+
+    This is what the serving model and the ensemble load: `FusionPredictor.load(model_dir)`.
+    """
+
+    def __init__(self, folds: Sequence[FoldModel]) -> None:
+        if not folds:
+            raise ValueError("a FusionPredictor needs at least one fold model")
+        self.folds = list(folds)
+
+    def predict(
+        self,
+        parsed: pd.DataFrame,
+        text_emb: np.ndarray,
+        image_emb: np.ndarray,
+        image_mask: np.ndarray,
+    ) -> np.ndarray:
+        """log1p price per row (fold-averaged, each fold's prediction clipped to its range)."""
+        data = SplitData(parsed, text_emb, image_emb, image_mask)
+        return np.mean([fold.predict(data) for fold in self.folds], axis=0)
+
+    def predict_members(self, batch: MemberBatch) -> dict[str, np.ndarray]:
+        """The registry's serving interface (see pricefuse.members)."""
+        return {"fusion": self.predict(batch.parsed, batch.text, batch.image, batch.image_mask)}
+
+    def save(self, model_dir: Path | str) -> Path:
+        """Write `predictor.json` (specs and architecture, readable) and `fold_k.pt` (weights).
+
+        Fold files of an earlier save (e.g. with more folds) are removed first: the directory is
+        logged as the model, and a stale `fold_7.pt` would ship weights no manifest names.
+        """
+        model_dir = Path(model_dir)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        for stale in model_dir.glob("fold_*.pt"):
+            stale.unlink()
+        entries = []
+        for k, fold in enumerate(self.folds):
+            name = f"fold_{k}.pt"
+            torch.save(fold.head.state_dict(), model_dir / name)
+            entries.append(
+                {"weights": name, "arch": fold.head.arch.to_dict(), "spec": fold.spec.to_dict()}
+            )
+        manifest = {"format": FORMAT_VERSION, "folds": entries}
+        path = model_dir / MANIFEST
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, model_dir: Path | str) -> FusionPredictor:
+        model_dir = Path(model_dir)
+        path = model_dir / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: not a fusion model directory")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format {manifest.get('format')}, expected {FORMAT_VERSION}")
+        folds = []
+        for entry in manifest["folds"]:
+            head = FusionHead(FusionArch.from_dict(entry["arch"]))
+            state = torch.load(model_dir / entry["weights"], map_location="cpu", weights_only=True)
+            head.load_state_dict(state)
+            head.eval()
+            folds.append(FoldModel(InputSpec.from_dict(entry["spec"]), head))
+        return cls(folds)
