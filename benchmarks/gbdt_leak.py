@@ -23,10 +23,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 
 from pricefuse.config import load_params
+from pricefuse.features.fold_features import FoldFeatures, fold_features
 from pricefuse.features.tabular import Embeddings, TabularFeaturizer
 from pricefuse.inputs import load_rows, train_targets
 from pricefuse.layout import Layout
-from pricefuse.models.gbdt import FoldFeatures, fold_features, train_kfold_boosters
+from pricefuse.models.gbdt_training import train_kfold_boosters
 
 
 def global_fold_features(parsed, emb: Embeddings, folds: np.ndarray, cfg, seed: int):

@@ -80,7 +80,7 @@ PRODUCERS: tuple[Producer, ...] = (
     Producer(
         "gbdt",
         "train_gbdt",
-        "pricefuse.models.gbdt:GbdtPredictor",
+        "pricefuse.models.gbdt_predictor:GbdtPredictor",
         lambda params: tuple(params.gbdt.boosters),
     ),
 )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -64,6 +64,15 @@ def _draw(plot: PlotData, path: Path) -> None:
         plots.bar_chart(frame["label"].tolist(), frame["value"].tolist(), plot.title, path)
 
 
+class FlavorModel(NamedTuple):
+    """A native model to log in its MLflow flavor: `flavor` is the module (e.g. "mlflow.lightgbm"),
+    requirements are given so MLflow need not infer them (a subprocess per model)."""
+
+    flavor: str
+    model: Any
+    pip_requirements: list[str]
+
+
 @dataclass
 class StageRecord:
     """Everything a stage run records.
@@ -72,7 +81,8 @@ class StageRecord:
     - plots: tables written under plots/<stage>/ and logged as artifacts;
     - artifacts: MLflow artifact path -> file or directory to upload;
     - meta: output directory -> facts for its meta.json (the run id is added by `record`);
-    - tables: logged with mlflow.log_table; tags: run tags; summary: printed at the end.
+    - tables: logged with mlflow.log_table; tags: run tags; summary: printed at the end;
+    - models: name -> native model logged as `<flavor>.log_model(model, name=name, ...)`.
     """
 
     summary: str
@@ -83,6 +93,7 @@ class StageRecord:
     meta: dict[Path, dict[str, Any]] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    models: dict[str, FlavorModel] = field(default_factory=dict)
 
     def write_plots(self, stage: str, root: Path = PLOTS_DIR) -> list[Path]:
         """Write every plot under `root/<stage>/`, removing plots of an earlier configuration

@@ -9,6 +9,7 @@ finds (and tags) the upstream runs it consumed.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -170,7 +171,8 @@ def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> 
 
 def record(run: Any, stage: str, result: StageRecord) -> None:
     """Log what a stage's core returned: metrics (and per-step series), tags, plots (CSV for
-    DVC + PNG), tables, artifacts, and meta.json in each output directory; print the summary."""
+    DVC + PNG), tables, artifacts, models in their MLflow flavor, and meta.json in each output
+    directory; print the summary."""
     import mlflow
 
     log_metrics(result.metrics)
@@ -187,6 +189,9 @@ def record(run: Any, stage: str, result: StageRecord) -> None:
                 mlflow.log_artifacts(str(file), artifact_path)
             else:
                 mlflow.log_artifact(str(file), artifact_path)
+    for name, logged in result.models.items():
+        flavor = importlib.import_module(logged.flavor)
+        flavor.log_model(logged.model, name=name, pip_requirements=logged.pip_requirements)
     for out_dir, facts in result.meta.items():
         write_meta(out_dir, stage, run.info.run_id, **facts)
     print(result.summary)

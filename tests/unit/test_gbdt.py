@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,17 +10,12 @@ import pytest
 from test_tabular import embeddings, parsed_frame
 
 from pricefuse.config import GbdtConfig
+from pricefuse.features.fold_features import fold_features
 from pricefuse.features.tabular import Embeddings, FeatureMatrix, TabularFeaturizer
 from pricefuse.metrics import smape_from_log
-from pricefuse.models.gbdt import (
-    BOOSTERS,
-    FitOptions,
-    GbdtPredictor,
-    booster_class,
-    fit_gbdt,
-    fold_features,
-    train_kfold_boosters,
-)
+from pricefuse.models.boosters import BOOSTERS, FitOptions, booster_class
+from pricefuse.models.gbdt_predictor import GbdtPredictor
+from pricefuse.models.gbdt_training import fit_gbdt, train_kfold_boosters
 from tests.support import project_params
 
 N = 400
@@ -196,3 +192,18 @@ def test_predictor_save_load_gives_identical_predictions(tmp_path: Path) -> None
     assert sorted(p.name for p in (tmp_path / "gbdt" / "catboost").iterdir()) == [
         f"fold_{k}.cbm" for k in range(5)
     ]
+    # Nothing pickled: featurizers are JSON + .npy, boosters their libraries' own formats.
+    suffixes = {p.suffix for p in (tmp_path / "gbdt").rglob("*") if p.is_file()}
+    assert suffixes <= {".json", ".npy", ".txt", ".ubj", ".cbm"}, suffixes
+
+
+def test_a_predictor_saved_with_pickled_featurizers_asks_for_a_rerun(tmp_path: Path) -> None:
+    manifest = {
+        "featurizers": ["featurizer_0.joblib"],
+        "clip": [0, 1],
+        "offsets": [0],
+        "models": {},
+    }
+    (tmp_path / "gbdt.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="re-run train_gbdt"):
+        GbdtPredictor.load(tmp_path)

@@ -108,7 +108,7 @@ def test_image_pca_is_fit_on_image_rows_and_missing_images_are_nan() -> None:
     pca = featurizer.compressor.image_pca
     assert pca is not None
     # The mean is that of image rows only: zero placeholders would pull it towards 0.
-    np.testing.assert_allclose(pca.mean_, emb.image[emb.image_mask].mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(pca.mean, emb.image[emb.image_mask].mean(axis=0), rtol=1e-5)
     x = featurizer.transform(parsed_frame(n), emb)
     image_cols = [i for i, name in enumerate(x.names) if name.startswith("image_pc")]
     assert len(image_cols) == 3
@@ -137,11 +137,40 @@ def test_transform_is_deterministic_and_survives_save_load(tmp_path: Path) -> No
     rows, emb = parsed_frame(25, seed=3), embeddings(25, seed=3)
     a = first.transform(rows, emb)
     np.testing.assert_array_equal(a.values, second.transform(rows, emb).values)
-    loaded = TabularFeaturizer.load(first.save(tmp_path / "f.joblib"))
+    loaded = TabularFeaturizer.load(first.save(tmp_path / "f"))
     b = loaded.transform(rows, emb)
     np.testing.assert_array_equal(a.values, b.values)
     assert a.names == b.names and a.categorical == b.categorical
     assert a.values.dtype == np.float32 and a.values.shape == (25, len(a.names))
+
+
+def test_saved_state_is_json_and_npy_not_pickle(tmp_path: Path) -> None:
+    """What a fold featurizer fitted (vocabularies, PCA bases, stacked columns) survives a
+    round trip through files that load without pickle, including unseen units and no images."""
+    frame, emb = parsed_frame(50), embeddings(50, image_rate=0.0)
+    frame["member_linear"] = np.linspace(1, 2, 50)
+    featurizer = TabularFeaturizer(4, 3, seed=2).fit(frame, emb)
+    directory = featurizer.save(tmp_path / "featurizer_0")
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "featurizer.json",
+        "text_pca_components.npy",
+        "text_pca_mean.npy",
+    ]
+    for array in directory.glob("*.npy"):
+        np.load(array, allow_pickle=False)
+    loaded = TabularFeaturizer.load(directory)
+    assert loaded.vocabulary == featurizer.vocabulary
+    assert loaded.extra_columns == ("member_linear",) and loaded.names == featurizer.names
+    assert loaded.compressor.image_pca is None
+    rows = parsed_frame(12, seed=8)
+    rows.loc[0, "unit"] = "gallon"
+    rows["member_linear"] = 1.5
+    rows_emb = embeddings(12, seed=8)
+    np.testing.assert_array_equal(
+        loaded.transform(rows, rows_emb).values, featurizer.transform(rows, rows_emb).values
+    )
+    with pytest.raises(FileNotFoundError, match="not a saved TabularFeaturizer"):
+        TabularFeaturizer.load(tmp_path)
 
 
 def test_rows_must_align_with_embeddings() -> None:

@@ -1,8 +1,11 @@
-"""The train_gbdt stage on tiny synthetic inputs: files written, MLflow run logged, errors clear."""
+"""The train_gbdt stage on tiny synthetic inputs: the core's record without MLflow, files written,
+MLflow run logged, errors clear."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -16,8 +19,10 @@ from pricefuse.config import Params
 from pricefuse.errors import StageError
 from pricefuse.features import row_hash
 from pricefuse.layout import Layout
+from pricefuse.members import MemberBatch
 from pricefuse.metrics import smape_from_log
-from pricefuse.models.gbdt import GbdtPredictor
+from pricefuse.models.gbdt_predictor import GbdtPredictor
+from pricefuse.models.gbdt_training import train_gbdt_members
 from pricefuse.stages import train_gbdt
 from tests.support import project_params
 
@@ -89,15 +94,74 @@ def test_stage_writes_predictions_models_and_logs_the_run(params: Params) -> Non
     assert run.data.tags["upstream.embed"] == "embed-run-id"
     client = mlflow.MlflowClient()
     model_files = {f.path for f in client.list_artifacts(run.info.run_id, "gbdt_model")}
-    assert {"gbdt_model/gbdt.json", "gbdt_model/featurizer_0.joblib"} <= model_files
+    assert {"gbdt_model/gbdt.json", "gbdt_model/featurizer_0"} <= model_files
     assert {f"gbdt_model/{b}" for b in BOOSTERS} <= model_files
     plots = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "plots")}
-    assert {f"train_gbdt_{b}_importance.png" for b in BOOSTERS} <= plots
-    assert {f"train_gbdt_{b}_pred_vs_actual.png" for b in BOOSTERS} <= plots
+    assert {f"importance_{b}.png" for b in BOOSTERS} <= plots
+    assert {f"pred_vs_actual_{b}.csv" for b in BOOSTERS} | {"smape_by_decile.csv"} <= plots
+    assert (Path("plots/train_gbdt") / "smape_by_decile.csv").is_file()
     native = mlflow.lightgbm.load_model(f"runs:/{run.info.run_id}/lightgbm_fold0")
     assert native.num_feature() == len(
         json.loads((layout.model_dir("gbdt") / "gbdt.json").read_text())["feature_names"]
     )
+
+
+def batch(n: int, seed: int) -> MemberBatch:
+    emb = embeddings(n, seed)
+    return MemberBatch(parsed_frame(n, seed), emb.text, emb.image, emb.image_mask)
+
+
+def declared_plots(stage: str) -> set[str]:
+    """The plot files dvc.yaml declares for a stage (top-level `plots:` under plots/<stage>/)."""
+    text = (Path(__file__).parents[2] / "dvc.yaml").read_text()
+    return {Path(p).name for p in re.findall(rf"^\s*- (plots/{stage}/\S+\.csv):", text, re.M)}
+
+
+def test_core_returns_what_the_stage_records_without_mlflow(params: Params, tmp_path: Path) -> None:
+    layout = Layout(params.data)
+    train, test = batch(150, 0), batch(20, 1)
+    record = train_gbdt_members(params.gbdt, params.seed, train, test, layout)
+
+    assert not (tmp_path / "mlflow.db").exists() and mlflow.active_run() is None
+    n_features = len(
+        json.loads((layout.model_dir("gbdt") / "gbdt.json").read_text())["feature_names"]
+    )
+    per_booster = {f"{m}_{b}" for b in BOOSTERS for m in ("smape_oof", "best_iteration")} | {
+        f"smape_fold_{k}_{b}" for b in BOOSTERS for k in range(5)
+    }
+    assert set(record.metrics) == {"n_features", "smape_oof", *per_booster}
+    assert record.metrics["n_features"] == n_features
+    oof = pd.read_parquet(layout.oof_predictions("gbdt"))
+    y = train.parsed["log_price"].to_numpy()
+    assert record.metrics["smape_oof_xgboost"] == pytest.approx(smape_from_log(y, oof["xgboost"]))
+    assert record.summary.startswith("OOF SMAPE (%): lightgbm ")
+
+    written = {p.name for p in record.write_plots("train_gbdt", tmp_path / "plots")}
+    csvs = {name for name in written if name.endswith(".csv")}
+    assert csvs == declared_plots("train_gbdt")
+    assert {name.replace(".csv", ".png") for name in csvs} <= written
+    deciles = pd.read_csv(tmp_path / "plots/train_gbdt/smape_by_decile.csv")
+    assert list(deciles.columns) == ["decile", "price_low", "price_high", *BOOSTERS]
+    importance = pd.read_csv(tmp_path / "plots/train_gbdt/importance_catboost.csv")
+    assert list(importance.columns) == ["label", "value"] and len(importance) == 25
+    assert importance["value"].is_monotonic_decreasing
+    scatter = pd.read_csv(tmp_path / "plots/train_gbdt/pred_vs_actual_lightgbm.csv")
+    np.testing.assert_allclose(scatter["predicted"], np.expm1(oof["lightgbm"]), rtol=1e-5)
+
+    out_dir = layout.model_dir("gbdt")
+    assert record.artifacts == {"gbdt_model": [out_dir]}
+    facts = record.meta[out_dir]
+    assert facts["boosters"] == BOOSTERS and facts["n_folds"] == 5
+    assert facts["n_features"] == n_features and set(facts["smape_oof"]) == set(BOOSTERS)
+    assert {name: m.flavor for name, m in record.models.items()} == {
+        f"{b}_fold0": f"mlflow.{b}" for b in BOOSTERS
+    }
+
+
+def test_unknown_booster_is_a_stage_error_naming_the_parameter(params: Params) -> None:
+    cfg = dataclasses.replace(params.gbdt, boosters=("lightgbm", "randomforest"))
+    with pytest.raises(StageError, match=r"gbdt\.boosters: unknown booster 'randomforest'"):
+        train_gbdt_members(cfg, 0, batch(30, 0), batch(5, 1), Layout(params.data))
 
 
 def test_misaligned_embeddings_stop_the_stage_with_a_clear_error(params: Params) -> None:

@@ -7,26 +7,24 @@ few tens of thousands of rows. PCA keeps most of the embedding signal at a size 
 explicit parsed fields carry the rest.
 
 Everything fitted here (category vocabularies, PCA bases) is fitted on the training rows of a
-fold only (see models.gbdt.fold_features) and is deterministic given the seed, so a held-out row,
-a test row and a served row are featurized the same way.
+fold only (see features.fold_features) and is deterministic given the seed, so a held-out row,
+a test row and a served row are featurized the same way. It saves as JSON + .npy, without pickle:
+a model directory is data, not code to execute on load.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Self
+from typing import Any, Self
 
-import joblib
 import numpy as np
 import pandas as pd
 
 from pricefuse import compat
-
-if TYPE_CHECKING:
-    from sklearn.decomposition import PCA
 
 # scikit-learn loads libgomp, which reads OMP_WAIT_POLICY once and shares itself with the
 # boosters loaded later; so the default is set before sklearn is first imported (lazily, below).
@@ -67,6 +65,7 @@ KEYWORDS: dict[str, str] = {
 _KEYWORD_PATTERNS = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in KEYWORDS.items()}
 # "1,000", "12", "1.5": thousands separators are dropped before parsing.
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
+FEATURIZER_FILE = "featurizer.json"
 
 
 @dataclass(frozen=True)
@@ -124,18 +123,38 @@ class FeatureMatrix:
         return pd.DataFrame(self.values, columns=list(self.names))
 
 
-def _fit_pca(rows: np.ndarray, n_components: int, seed: int) -> PCA | None:
+@dataclass(frozen=True)
+class Projection:
+    """A fitted PCA as the two arrays its transform uses: rows -> (rows - mean) @ components.T.
+
+    Why not keep sklearn's PCA object: these arrays are all a transform needs, they save as .npy
+    without pickle, and the in-memory and the reloaded featurizer then run the same arithmetic.
+    """
+
+    mean: np.ndarray  # (n_features,)
+    components: np.ndarray  # (n_components, n_features)
+
+    @property
+    def width(self) -> int:
+        return int(self.components.shape[0])
+
+    def transform(self, rows: np.ndarray) -> np.ndarray:
+        return (np.asarray(rows, dtype=np.float64) - self.mean) @ self.components.T
+
+
+def _fit_pca(rows: np.ndarray, n_components: int, seed: int) -> Projection | None:
     """PCA with as many components as the data allows; None when it allows none."""
     from sklearn.decomposition import PCA
 
     k = min(n_components, rows.shape[0], rows.shape[1]) if rows.ndim == 2 else 0
     if k < 1 or rows.shape[0] < 2:
         return None
-    return PCA(n_components=k, random_state=seed).fit(rows.astype(np.float64))
+    pca = PCA(n_components=k, random_state=seed).fit(rows.astype(np.float64))
+    return Projection(np.asarray(pca.mean_, np.float64), np.asarray(pca.components_, np.float64))
 
 
-def _pca_width(pca: PCA | None) -> int:
-    return 0 if pca is None else int(pca.n_components_)
+def _pca_width(pca: Projection | None) -> int:
+    return 0 if pca is None else pca.width
 
 
 class EmbeddingCompressor:
@@ -150,8 +169,8 @@ class EmbeddingCompressor:
         self.text_components = text_components
         self.image_components = image_components
         self.seed = seed
-        self.text_pca: PCA | None = None
-        self.image_pca: PCA | None = None
+        self.text_pca: Projection | None = None
+        self.image_pca: Projection | None = None
 
     def fit(self, emb: Embeddings) -> Self:
         mask = np.asarray(emb.image_mask, dtype=bool)
@@ -169,12 +188,12 @@ class EmbeddingCompressor:
         n = len(emb)
         parts = [np.empty((n, 0), dtype=np.float32)]
         if self.text_pca is not None:
-            parts.append(self.text_pca.transform(np.asarray(emb.text, dtype=np.float64)))
+            parts.append(self.text_pca.transform(emb.text))
         if self.image_pca is not None:
             mask = np.asarray(emb.image_mask, dtype=bool)
             image = np.full((n, _pca_width(self.image_pca)), np.nan)
             if mask.any():
-                image[mask] = self.image_pca.transform(np.asarray(emb.image, np.float64)[mask])
+                image[mask] = self.image_pca.transform(np.asarray(emb.image)[mask])
             parts.append(image)
         return np.hstack(parts).astype(np.float32)
 
@@ -284,18 +303,53 @@ class TabularFeaturizer:
         values = np.hstack([values, self.compressor.transform(emb)])
         return FeatureMatrix(values, self.names, self.categorical)
 
-    def save(self, path: Path | str) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        joblib.dump(self, path)
-        return path
+    def save(self, directory: Path | str) -> Path:
+        """`featurizer.json` (sizes, seed, vocabularies, column layout) and one .npy per PCA
+        array (`<text|image>_pca_<mean|components>.npy`) in `directory`; no pickle."""
+        if not self.names:
+            raise RuntimeError("TabularFeaturizer.save called before fit")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        compressor = self.compressor
+        projections = {"text": compressor.text_pca, "image": compressor.image_pca}
+        for view, projection in projections.items():
+            if projection is not None:
+                np.save(directory / f"{view}_pca_mean.npy", projection.mean)
+                np.save(directory / f"{view}_pca_components.npy", projection.components)
+        state = {
+            "text_components": compressor.text_components,
+            "image_components": compressor.image_components,
+            "seed": compressor.seed,
+            "pca": [view for view, projection in projections.items() if projection is not None],
+            "vocabulary": {c: list(v) for c, v in self.vocabulary.items()},
+            "extra_columns": list(self.extra_columns),
+            "names": list(self.names),
+        }
+        (directory / FEATURIZER_FILE).write_text(json.dumps(state, indent=1, ensure_ascii=False))
+        return directory
 
     @classmethod
-    def load(cls, path: Path | str) -> TabularFeaturizer:
-        obj = joblib.load(Path(path))
-        if not isinstance(obj, cls):
-            raise TypeError(f"{path} holds a {type(obj).__name__}, not a {cls.__name__}")
-        return obj
+    def load(cls, directory: Path | str) -> TabularFeaturizer:
+        """The featurizer `save` wrote; it transforms exactly as the saved one did."""
+        directory = Path(directory)
+        path = directory / FEATURIZER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: not a saved TabularFeaturizer")
+        state: dict[str, Any] = json.loads(path.read_text())
+        featurizer = cls(state["text_components"], state["image_components"], state["seed"])
+        for view in state["pca"]:
+            projection = Projection(
+                np.load(directory / f"{view}_pca_mean.npy"),
+                np.load(directory / f"{view}_pca_components.npy"),
+            )
+            setattr(featurizer.compressor, f"{view}_pca", projection)
+        featurizer.vocabulary = {c: tuple(v) for c, v in state["vocabulary"].items()}
+        featurizer.extra_columns = tuple(state["extra_columns"])
+        featurizer.names = tuple(state["names"])
+        pcs = featurizer.compressor.names
+        if pcs and featurizer.names[-len(pcs) :] != pcs:
+            raise ValueError(f"{path}: feature names do not end with the saved PCA components")
+        return featurizer
 
 
 def _check_rows(parsed: pd.DataFrame, emb: Embeddings) -> None:
