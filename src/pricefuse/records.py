@@ -72,7 +72,9 @@ class StageRecord:
     - plots: tables written under plots/<stage>/ and logged as artifacts;
     - artifacts: MLflow artifact path -> file or directory to upload;
     - meta: output directory -> facts for its meta.json (the run id is added by `record`);
-    - tables: logged with mlflow.log_table; tags: run tags; summary: printed at the end.
+    - tables: logged with mlflow.log_table; tags: run tags; summary: printed at the end;
+    - params: run parameters the stage learns while working (e.g. an encoder's dimension);
+    - texts: MLflow artifact path -> small text written by no stage output (mlflow.log_text).
     """
 
     summary: str
@@ -83,6 +85,8 @@ class StageRecord:
     meta: dict[Path, dict[str, Any]] = field(default_factory=dict)
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
 
     def write_plots(self, stage: str, root: Path = PLOTS_DIR) -> list[Path]:
         """Write every plot under `root/<stage>/`, removing plots of an earlier configuration
