@@ -8,7 +8,7 @@ Per tower: load time, encode throughput (texts/s, max_length 128, TextEncoder's 
 batches) and the 5-fold out-of-fold SMAPE (on prices, targets log1p(price)) of
   ridge  Ridge on the embedding, alpha picked by RidgeCV (leave-one-out) on the training folds;
   knn10  similarity-weighted mean log price of the 10 most cosine-similar other-fold rows.
-Rows, parsing and folds are the pipeline's: preprocess's `read_raw`/`clean_prices`,
+Rows, parsing and folds are the pipeline's: `raw.read_raw`, `preprocess.clean_prices`,
 `catalog.parse_frame`, `folds.fold_keys` + `assign_group_folds(..., n_folds, seed)` from
 params.yaml. Folds are assigned on all rows, then a fixed random subset (seed from params) keeps
 its folds. mpnet encodes all 6,104 rows in ~6-7 min on 2 idle CPU cores (16 texts/s) but ~20
@@ -34,11 +34,12 @@ from sklearn.linear_model import RidgeCV
 from pricefuse.config import load_params
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.folds import assign_group_folds, fold_keys
+from pricefuse.data.preprocess import clean_prices
+from pricefuse.data.raw import read_raw
 from pricefuse.features.text import TextEncoder
 from pricefuse.layout import FOLD, ID, LOG_PRICE, PRICE
 from pricefuse.metrics import smape
 from pricefuse.models.ensemble import to_price
-from pricefuse.stages.preprocess import clean_prices, read_raw
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CSV = ROOT.parent / "shared" / "data" / "amazon2025" / "train.csv"

@@ -82,7 +82,9 @@ class StageRecord:
     - artifacts: MLflow artifact path -> file or directory to upload;
     - meta: output directory -> facts for its meta.json (the run id is added by `record`);
     - tables: logged with mlflow.log_table; tags: run tags; summary: printed at the end;
-    - models: name -> native model logged as `<flavor>.log_model(model, name=name, ...)`.
+    - models: name -> native model logged as `<flavor>.log_model(model, name=name, ...)`;
+    - params: run parameters the stage learns while working (e.g. an encoder's dimension);
+    - texts: MLflow artifact path -> small text written by no stage output (mlflow.log_text).
     """
 
     summary: str
@@ -94,6 +96,8 @@ class StageRecord:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     models: dict[str, FlavorModel] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
 
     def write_plots(self, stage: str, root: Path = PLOTS_DIR) -> list[Path]:
         """Write every plot under `root/<stage>/`, removing plots of an earlier configuration

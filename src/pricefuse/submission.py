@@ -1,4 +1,9 @@
-"""Submission checks: a file the competition would reject must never be written."""
+"""Submissions: a file the competition would reject must never be written.
+
+`submit` is the `submit` stage's work: it picks the predictions (`submit.source`), checks them
+against the test ids and writes the CSV only when valid. It never calls MLflow tracking; a
+rejection raises `SubmissionRejected`, which carries what the stage records before failing.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pricefuse import tracking
+from pricefuse.errors import StageError
+from pricefuse.layout import ID, Layout
+from pricefuse.records import StageRecord
+
 COLUMNS = ("sample_id", "price")
+# test_predictions: the ensemble stage's test.parquet; pyfunc: the logged ensemble model run on
+# the raw test rows, exactly as serving would (slower, but proves the served model end to end).
+SOURCES = ("test_predictions", "pyfunc")
+VALIDATION = "validation.txt"
+
+
+class SubmissionRejected(StageError):
+    """The candidate has problems; nothing was written. `record` is what the stage still logs
+    (rows, problem count, `submission_valid` false, validation.txt) before it fails."""
+
+    def __init__(self, problems: list[str], record: StageRecord) -> None:
+        super().__init__("submission rejected, nothing written: " + "; ".join(problems))
+        self.problems = problems
+        self.record = record
 
 
 def submission_problems(frame: pd.DataFrame, expected_ids: pd.Series | np.ndarray) -> list[str]:
@@ -47,3 +71,64 @@ def write_submission(frame: pd.DataFrame, path: Path | str) -> Path:
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
     return path
+
+
+def check_source(source: str) -> None:
+    if source not in SOURCES:
+        raise StageError(f"submit.source must be one of {SOURCES}, got {source!r}")
+
+
+def read_test_rows(test_csv: str | Path) -> pd.DataFrame:
+    """The official test rows: their ids are what a submission must cover, each once."""
+    path = Path(test_csv)
+    if not path.is_file():
+        raise StageError(f"test CSV {path} not found: set data.test_csv in params.yaml")
+    rows = pd.read_csv(path)
+    if ID not in rows.columns:
+        raise StageError(f"test CSV {path} has no {ID} column")
+    return rows
+
+
+def candidate_predictions(source: str, layout: Layout, test_rows: pd.DataFrame) -> pd.DataFrame:
+    """(sample_id, price) from `source`, not yet checked."""
+    check_source(source)
+    if source == "test_predictions":
+        path = layout.test_predictions("ensemble")
+        if not path.exists():
+            raise StageError(f"{path} not found: run the ensemble stage first (dvc repro)")
+        return pd.read_parquet(path, columns=[ID, "price"])
+    meta = tracking.read_meta(layout.model_dir("ensemble"))
+    if not meta.get("model_uri"):
+        raise StageError("the ensemble stage recorded no model URI: run it first (dvc repro)")
+    import mlflow.pyfunc
+
+    model = mlflow.pyfunc.load_model(meta["model_uri"])
+    return model.predict(test_rows)[[ID, "price"]]
+
+
+def submit(source: str, layout: Layout, test_rows: pd.DataFrame) -> StageRecord:
+    """Write `layout.submission` from `source` if valid, in the official test order (as the
+    starter kit's sample output is); raise `SubmissionRejected` before writing anything if not."""
+    frame = candidate_predictions(source, layout, test_rows)
+    test_ids = test_rows[ID]
+    problems = submission_problems(frame, test_ids)
+    metrics = {"rows": float(len(frame)), "problems": float(len(problems))}
+    if problems:
+        raise SubmissionRejected(
+            problems,
+            StageRecord(
+                summary=f"submit: {len(problems)} problem(s), see {VALIDATION} in the run",
+                metrics=metrics,
+                tags={"submission_valid": "false"},
+                texts={VALIDATION: "\n".join(problems)},
+            ),
+        )
+    ordered = frame.set_index(ID).loc[test_ids.to_numpy()].reset_index()
+    path = write_submission(ordered[[ID, "price"]], layout.submission)
+    return StageRecord(
+        summary=f"submit: wrote {path} ({len(ordered)} rows, from {source})",
+        metrics=metrics,
+        tags={"submission_valid": "true"},
+        texts={VALIDATION: f"valid: {len(ordered)} rows"},
+        artifacts={"submission": [path]},
+    )

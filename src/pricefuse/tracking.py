@@ -170,19 +170,26 @@ def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> 
 
 
 def record(run: Any, stage: str, result: StageRecord) -> None:
-    """Log what a stage's core returned: metrics (and per-step series), tags, plots (CSV for
-    DVC + PNG), tables, artifacts, models in their MLflow flavor, and meta.json in each output
-    directory; print the summary."""
+    """Log what a stage's core returned: metrics (and per-step series), tags, params, plots (CSV
+    for DVC + PNG), tables, texts, meta.json in each output directory, artifacts, models in their
+    MLflow flavor; print the summary."""
     import mlflow
 
     log_metrics(result.metrics)
     log_step_metrics(run.info.run_id, result.step_metrics)
     if result.tags:
         mlflow.set_tags(result.tags)
+    if result.params:
+        mlflow.log_params(result.params)
     for path in result.write_plots(stage):
         mlflow.log_artifact(str(path), "plots")
     for name, table in result.tables.items():
         mlflow.log_table(table, name)
+    for name, text in result.texts.items():
+        mlflow.log_text(text, name)
+    # meta.json before the artifacts: an artifact may be (or contain) this run's meta.json.
+    for out_dir, facts in result.meta.items():
+        write_meta(out_dir, stage, run.info.run_id, **facts)
     for artifact_path, files in result.artifacts.items():
         for file in files:
             if Path(file).is_dir():
@@ -192,8 +199,6 @@ def record(run: Any, stage: str, result: StageRecord) -> None:
     for name, logged in result.models.items():
         flavor = importlib.import_module(logged.flavor)
         flavor.log_model(logged.model, name=name, pip_requirements=logged.pip_requirements)
-    for out_dir, facts in result.meta.items():
-        write_meta(out_dir, stage, run.info.run_id, **facts)
     print(result.summary)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from pricefuse import tracking
 from pricefuse.errors import StageError
 from pricefuse.features import row_hash
+from pricefuse.features.embedding import Encoders, embed_tables, load_embed_inputs
 from pricefuse.layout import Layout
 from tests.support import project_params
 
@@ -122,6 +124,10 @@ def test_embed_stage_writes_aligned_arrays_and_tracks_run(project: Path) -> None
     assert metrics["image_coverage_train"] == pytest.approx(0.25)
     assert metrics["image_coverage_test"] == pytest.approx(0.5)
     assert metrics["images_failed_train"] == 1.0
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert "meta.json" in artifacts  # the meta.json of this run, run id included
+    logged = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/meta.json")
+    assert json.loads(logged)["run_id"] == run.info.run_id
 
 
 def test_embed_stage_fails_clearly(project: Path) -> None:
@@ -139,3 +145,51 @@ def test_embed_stage_fails_clearly(project: Path) -> None:
         embed.run(_params(image_model="pkg:pricefuse-no-such-package"))
     assert not layout.features_dir.exists()  # nothing written and no run logged on bad input
     assert not (project / "mlflow.db").exists()
+
+
+class _FakeText:
+    """Stands in for TextEncoder: the text length as a 3-d vector."""
+
+    ref, dim = "fake:text", 3
+
+    def encode(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        return np.array([[len(t), 1.0, 0.0] for t in texts], dtype=np.float32).reshape(-1, 3)
+
+
+class _FakeImage:
+    """Stands in for ImageEncoder: ones for a path that exists, zeros and mask False otherwise."""
+
+    ref, dim = "fake:image", 2
+
+    def encode_paths(self, paths: list[str], progress: bool = False):
+        mask = np.array([bool(p) and Path(p).is_file() for p in paths], dtype=bool)
+        return np.where(mask[:, None], 1.0, 0.0).astype(np.float32).reshape(-1, 2), mask
+
+
+def test_core_returns_the_record_without_mlflow(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` fails from here on
+    layout = Layout(_params().data)
+    _write_parsed(layout)
+    tables = load_embed_inputs(layout)
+    result = embed_tables(tables, Encoders(_FakeText(), _FakeImage(), threads=1), layout)
+
+    assert np.load(layout.image_mask("train")).tolist() == [True, False, False, False]
+    assert np.load(layout.text_embeddings("test")).shape == (2, 3)
+    assert result.metrics["rows_train"] == 4 and result.metrics["rows_test"] == 2
+    assert result.metrics["image_coverage_train"] == pytest.approx(0.25)
+    assert result.metrics["images_failed_train"] == 1.0
+    assert result.metrics["texts_per_s"] > 0 and "images_per_s" in result.metrics
+    assert result.tags == {"text_model": "fake:text", "image_model": "fake:image"}
+    assert result.params == {"text_dim": 3, "image_dim": 2, "torch_threads": 1}
+    assert result.meta[layout.features_dir] == {
+        "text_model": "fake:text",
+        "text_dim": 3,
+        "image_model": "fake:image",
+        "image_dim": 2,
+        "row_hash_train": row_hash([101, 7, 55, 9]),
+        "row_hash_test": row_hash([3, 1]),
+    }
+    assert result.artifacts == {"": [layout.features_dir / "meta.json"]}
+    assert "3-d" in result.summary and "1 thread(s)" in result.summary

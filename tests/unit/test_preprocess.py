@@ -1,5 +1,6 @@
 import csv
 import json
+import sys
 from pathlib import Path
 
 import mlflow
@@ -9,9 +10,11 @@ import pytest
 
 from pricefuse.data.catalog import PARSED_COLUMNS
 from pricefuse.data.demo import generate_demo
+from pricefuse.data.preprocess import DROP_REASONS, clean_prices, preprocess
+from pricefuse.data.raw import read_raw, read_raw_splits
 from pricefuse.errors import StageError
 from pricefuse.layout import MANIFEST_COLUMNS, Layout
-from pricefuse.stages import preprocess
+from pricefuse.stages import preprocess as stage
 from tests.support import project_params
 
 DEMO = {"n_train": 120, "n_test": 30, "image_size": 40, "missing_image_rate": 0.1}
@@ -57,7 +60,7 @@ def test_preprocess_writes_parsed_tables_and_logs(project: Path) -> None:
     raw_train = pd.read_csv(params.data.train_csv, keep_default_na=False)
     cached = _write_manifest(layout, raw_train["image_link"].tolist())
 
-    preprocess.run(params)
+    stage.run(params)
 
     train = pd.read_parquet(layout.parsed("train"))
     test = pd.read_parquet(layout.parsed("test"))
@@ -93,13 +96,16 @@ def test_preprocess_writes_parsed_tables_and_logs(project: Path) -> None:
     assert metrics["images_train_manifest_files_absent"] == 1
     assert "train_parse_value_missing" in metrics
     assert run.data.tags["stage"] == "preprocess"
-    table = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/preprocess/unit_distribution.csv")
-    assert table.startswith("unit_raw,unit,rows,share,split")
+    assert run.data.tags["image_manifest"] == str(layout.manifest)
+    table = mlflow.load_table("preprocess/unit_distribution.json", run_ids=[run.info.run_id])
+    assert list(table.columns[:5]) == ["unit_raw", "unit", "rows", "share", "split"]
+    assert set(table["split"]) == {"train", "test"}
+    assert (Path("plots/preprocess/price_histogram.csv")).is_file()
 
 
 def test_without_manifest_no_row_has_an_image(project: Path, capsys) -> None:
     params = _params()
-    preprocess.run(params)
+    stage.run(params)
     assert "no image manifest" in capsys.readouterr().out
     train = pd.read_parquet(Layout(params.data).parsed("train"))
     assert not train["has_image"].any()
@@ -109,7 +115,7 @@ def test_without_manifest_no_row_has_an_image(project: Path, capsys) -> None:
 def test_missing_csv_is_a_stage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StageError, match=r"train CSV .* not found"):
-        preprocess.run(_params())
+        stage.run(_params())
 
 
 def test_missing_columns_and_duplicate_ids_are_stage_errors(project: Path) -> None:
@@ -117,13 +123,81 @@ def test_missing_columns_and_duplicate_ids_are_stage_errors(project: Path) -> No
     test = pd.read_csv(params.data.test_csv, keep_default_na=False)
     test.drop(columns=["catalog_content"]).to_csv(params.data.test_csv, index=False)
     with pytest.raises(StageError, match=r"lacks column.*catalog_content"):
-        preprocess.run(params)
+        stage.run(params)
     test.assign(sample_id=test["sample_id"].iloc[0]).to_csv(params.data.test_csv, index=False)
     with pytest.raises(StageError, match="repeats sample_id"):
-        preprocess.run(params)
+        stage.run(params)
 
 
 @pytest.mark.parametrize("n_folds", [1, 500])
 def test_fold_count_is_checked_before_any_work(project: Path, n_folds: int) -> None:
     with pytest.raises(StageError, match=r"preprocess\.n_folds"):
-        preprocess.run(_params(preprocess={"n_folds": n_folds}))
+        stage.run(_params(preprocess={"n_folds": n_folds}))
+
+
+@pytest.fixture
+def no_mlflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import mlflow` fails: what runs under this fixture provably never touches tracking."""
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+
+
+def test_core_returns_the_record_without_mlflow(project: Path, no_mlflow: None) -> None:
+    params = _params()
+    layout = Layout(params.data)
+    raw = read_raw_splits(params.data)
+    result = preprocess(raw["train"], raw["test"], params.preprocess, params.seed, layout)
+
+    n_out = DEMO["n_train"] - len(BAD_PRICES)
+    assert result.metrics["dropped_total"] == len(BAD_PRICES)
+    assert {f"dropped_{reason}" for reason in DROP_REASONS} <= set(result.metrics)
+    assert result.metrics["rows_in_train"] == DEMO["n_train"]
+    assert result.metrics["rows_out_train"] == n_out
+    assert result.metrics["rows_out_test"] == DEMO["n_test"]
+    assert result.metrics["images_train_with_image"] == 0
+    assert sum(result.metrics[f"fold_rows_{k}"] for k in range(3)) == n_out
+    assert result.metrics["n_groups"] <= n_out
+    assert result.tags == {"image_manifest": "none"}
+    assert result.meta == {
+        layout.interim_dir: {
+            "rows": {"train": n_out, "test": DEMO["n_test"]},
+            "dropped": {
+                "price_missing": 2,
+                "price_not_numeric": 1,
+                "price_not_finite": 1,
+                "price_below_min": 1,
+            },
+            "n_folds": 3,
+            "image_manifest": False,
+        }
+    }
+    units = result.tables["preprocess/unit_distribution.json"]
+    assert units.groupby("split")["rows"].sum().to_dict() == {"train": n_out, "test": 30}
+    (histogram,) = result.plots
+    assert histogram.name == "price_histogram"
+    assert list(histogram.frame.columns) == ["label", "value"]
+    assert histogram.frame["value"].sum() == n_out
+    assert "no image manifest" in result.summary
+    assert len(pd.read_parquet(layout.parsed("train"))) == n_out
+    assert not (layout.interim_dir / "meta.json").exists()  # tracking.record writes it
+
+
+def test_clean_prices_counts_each_row_under_its_first_reason() -> None:
+    frame = pd.DataFrame({"price": ["", "abc", "inf", "0.001", "nan", "2.5", None, "-inf"]})
+    kept, drops = clean_prices(frame, min_price=0.01)
+    assert kept["price"].tolist() == [2.5]
+    assert kept["log_price"].tolist() == [pytest.approx(np.log1p(2.5))]
+    assert drops == {
+        "price_missing": 3,
+        "price_not_numeric": 1,
+        "price_not_finite": 2,
+        "price_below_min": 1,
+    }
+
+
+def test_read_raw_fills_missing_image_links(tmp_path: Path) -> None:
+    path = tmp_path / "test.csv"
+    pd.DataFrame({"sample_id": [1, 2], "catalog_content": ["a", "b"]}).to_csv(path, index=False)
+    assert read_raw(path, "test")["image_link"].tolist() == ["", ""]
+    path.write_text('sample_id,catalog_content\n1,"unclosed\n')
+    with pytest.raises(StageError, match="not a readable CSV"):
+        read_raw(path, "test")

@@ -14,6 +14,8 @@ One module per job (this package re-exports their public API):
 - `http`: the asynchronous fetch run: retries, backoff, Retry-After, host-down detection.
 - `fetch`: `fetch_images`, the orchestration, and its `FetchResult`.
 - `source`: `load_image_source`, one image for serving.
+- `update`: the fetch_images stage's work (links of the raw CSVs -> cache + what it records);
+  not re-exported: it imports the plotting stack, which serving does not need.
 """
 
 from __future__ import annotations
