@@ -10,7 +10,7 @@ RUN := PATH="$(abspath $(BIN)):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test lint format lock serve clean mpnet
+.PHONY: setup demo test test-fast deps lint format lock serve clean mpnet
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,14 @@ demo: setup  ## generate demo data, run all seven stages, register the ensemble
 	$(RUN) dvc repro
 	$(RUN) pricefuse evaluate
 
-test: setup  ## the whole test suite (what .ci/run calls)
+test: setup  ## the whole test suite, every tier (what .ci/run calls)
 	$(RUN) pytest
+
+test-fast: setup  ## the unit tier only (tests/unit), under 2 minutes
+	$(RUN) pytest -m unit
+
+deps: setup  ## regenerate dvc.yaml's code deps from the stages' imports
+	$(RUN) python tools/stage_deps.py --write
 
 lint: setup
 	$(RUN) ruff check src tests benchmarks tools

@@ -15,6 +15,34 @@ from tests.support import PROJECT_FILES, deep_update, run_cmd
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "amazon2025"
+TESTS_DIR = Path(__file__).resolve().parent
+TIERS = ("unit", "integration", "real")  # one directory under tests/ each, one marker each
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: it selects on these markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test with its tier, from its directory, so none can go without one.
+
+    A test outside tests/{unit,integration,real}, or carrying another tier's marker by hand,
+    stops the run before anything runs.
+    """
+    problems = []
+    for item in items:
+        path = Path(item.path).resolve()
+        parts = path.relative_to(TESTS_DIR).parts if path.is_relative_to(TESTS_DIR) else ()
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        if tier is None:
+            problems.append(f"{item.nodeid}: not in tests/{{{','.join(TIERS)}}}/")
+            continue
+        others = {m.name for m in item.iter_markers() if m.name in TIERS} - {tier}
+        if others:
+            problems.append(f"{item.nodeid}: marked {', '.join(sorted(others))} in tests/{tier}/")
+        item.add_marker(getattr(pytest.mark, tier))
+    if problems:
+        raise pytest.UsageError(
+            "every test belongs to exactly one tier, given by its directory "
+            "(tests/unit, tests/integration, tests/real):\n  " + "\n  ".join(problems)
+        )
 
 
 @pytest.fixture(autouse=True)

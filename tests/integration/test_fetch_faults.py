@@ -181,17 +181,15 @@ def test_unreachable_host_fails_fast_in_one_line(
     cfg = replace(FAST, retries=5, backoff_base=0.2)
     with FaultyServer(routes) as server, caplog.at_level(logging.WARNING):
         dead_links = [f"{dead}/img/{i}.jpg" for i in range(40)]
-        started = time.perf_counter()
         result = fetch_images([*dead_links, *(server.url(p) for p in routes)], tmp_path, cfg)
-        elapsed = time.perf_counter() - started
     records = {r.link: r for r in result.records}
     assert all(records[link].status == "failed" for link in dead_links)
     assert all("host unreachable" in records[link].error for link in dead_links)
     assert result.counts["ok"] == len(routes)  # other hosts are unaffected
     assert result.hosts_down == (dead,)
     # Without the breaker: 40 links x 6 attempts with backoff (>= 0.1 s, 0.2 s, ... each).
+    # The time it saves: python benchmarks/fetch_unreachable.py
     assert sum(records[link].attempts for link in dead_links) <= cfg.concurrency + 3
-    assert elapsed < 5.0  # ~20 s without it on this setup
     lines = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(lines) == 1 and dead in lines[0]
 

@@ -112,13 +112,9 @@ def test_dvc_repro_runs_every_stage(project: Path):
     assert json.loads((project / "metrics/ensemble.json").read_text())["smape_oof"] > 0
 
 
-def test_second_repro_is_a_fast_noop(project: Path):
-    started = time.perf_counter()
-    result = run_cmd(["dvc", "repro"], project)
-    elapsed = time.perf_counter() - started
-    print(f"no-op repro: {elapsed:.2f} s")
+def test_second_repro_is_a_noop(project: Path):
+    result = run_cmd(["dvc", "repro"], project)  # its time: python benchmarks/dvc_noop.py
     assert "Running stage" not in result.stdout
-    assert elapsed < 5.0
 
 
 def _free_port() -> int:

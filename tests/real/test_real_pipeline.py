@@ -12,12 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from pricefuse.metrics import smape
 from tests.support import run_cmd
-
-pytestmark = [pytest.mark.real, pytest.mark.integration]
 
 N_TEST_ROWS = 300
 # Issue "more signal from the same rows": the ensemble's OOF SMAPE on these rows was 56.8 before

@@ -1,5 +1,4 @@
 import math
-import time
 
 import numpy as np
 import pandas as pd
@@ -224,17 +223,3 @@ def test_format_catalog_round_trip() -> None:
     )
     assert "Value" not in format_catalog("X", value=None, unit="oz")
     assert format_catalog("X", value=22.799999999999997).splitlines()[1] == "Value: 22.8"
-
-
-@pytest.mark.real
-def test_real_train_parses_with_high_unit_coverage(shared_data) -> None:
-    raw = pd.read_csv(shared_data / "train.csv")
-    start = time.perf_counter()
-    out, report = parse_frame(raw)
-    seconds = time.perf_counter() - start
-    assert len(out) == len(raw)
-    assert report.unit_coverage > 0.98
-    assert report.counts["item_name_missing"] == 0
-    assert (out["pack"] >= 1).all()
-    assert np.isfinite(out["log_quantity"]).all()
-    assert seconds < 10.0, f"parse_frame took {seconds:.1f}s on {len(raw)} rows"

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from pricefuse.config import FetchConfig
 from pricefuse.data.images import (
@@ -33,7 +33,6 @@ from pricefuse.data.images import (
 from pricefuse.layout import MANIFEST_COLUMNS
 from tests.support import project_params
 
-REAL_IMAGES = Path(__file__).resolve().parents[2].parent / "shared/data/amazon2025/images"
 FETCH = project_params().fetch
 
 
@@ -131,13 +130,23 @@ def test_formats_outside_the_allow_list_are_not_decoded() -> None:
 
 
 @pytest.mark.parametrize("side", [8_000, 30_000])
-def test_decompression_bombs_are_rejected_before_decoding(side: int) -> None:
-    started = time.perf_counter()
+def test_decompression_bombs_are_rejected_before_decoding(
+    side: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loads: list[str] = []
+
+    def no_load(image: Image.Image) -> None:
+        loads.append(f"{image.format} {image.size}")
+        raise AssertionError("decoded a decompression bomb")
+
+    # Decoding (and allocating the pixels) goes through load(); the header is all it may read.
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    monkeypatch.setattr(Image.Image, "load", no_load)
     with pytest.raises(ImageRejected) as info:
         validate_image(png_bomb(side, side), fetch_config(max_pixels=40_000_000))
     assert info.value.kind == "too_many_pixels"
     assert "max_pixels" in str(info.value)
-    assert time.perf_counter() - started < 0.5  # nothing was allocated or decoded
+    assert loads == []
 
 
 def test_max_bytes_and_max_pixels_apply(jpeg: bytes) -> None:
@@ -180,19 +189,6 @@ def test_downscale_of_palette_and_alpha_images_becomes_png() -> None:
         ).mode
         == "RGBA"
     )
-
-
-def test_real_product_images_validate_and_detect_truncation() -> None:
-    if not REAL_IMAGES.is_dir():
-        pytest.skip(f"real images not found at {REAL_IMAGES} (see its README)")
-    paths = sorted(REAL_IMAGES.glob("*.jpg"))[::25]
-    assert paths
-    for path in paths:
-        data = path.read_bytes()
-        assert validate_image(data, FETCH) == "JPEG"
-        assert prepare_image(data, fetch_config(max_side=384)).data == data  # already <= 384 px
-        with pytest.raises(ImageRejected):
-            validate_image(data[: len(data) * 95 // 100], FETCH)
 
 
 # --- small pure helpers -----------------------------------------------------------------------
