@@ -452,7 +452,8 @@ def run_experiment(stage: str, overrides: Sequence[str], name: str | None = None
     this_run = env.get(MLFLOW_RUN_ENV) or None
     if this_run:
         env[JOIN_STAGE_ENV] = stage
-    print(f"pricefuse experiment: {shlex.join(cmd)}", flush=True)
+    shown = " ".join(shell_quote(arg) for arg in cmd)
+    print(f"pricefuse experiment: {shown}", flush=True)
     try:
         code, output = _tee(cmd, env)
     except FileNotFoundError:
@@ -465,7 +466,7 @@ def run_experiment(stage: str, overrides: Sequence[str], name: str | None = None
             PARAMS_YAML.write_text(params_before)
             restored = " params.yaml is restored to what it was."
         print(
-            f"error: `{shlex.join(cmd)}` failed (exit {code}):\n  {why}\n"
+            f"error: `{shown}` failed (exit {code}):\n  {why}\n"
             f"No experiment was recorded.{restored} The failed stage's outputs may be missing "
             "or partial; `dvc checkout` brings back those recorded in dvc.lock.",
             file=sys.stderr,

@@ -248,3 +248,9 @@ def test_only_the_requested_stage_joins_the_mlflow_run(monkeypatch: pytest.Monke
     route_mlflow_run("train_linear")  # a stale upstream stage `dvc exp run` re-runs first
     assert "MLFLOW_RUN_ID" not in os.environ
     assert os.environ[PARENT_RUN_ENV] == "abc"
+
+
+def test_shell_quote_prefers_double_quotes_around_hydra_strings():
+    assert ex.shell_quote("fusion.lr=0.001") == "fusion.lr=0.001"
+    assert ex.shell_quote("fusion.loss='smape'") == "\"fusion.loss='smape'\""
+    assert ex.shell_quote("a='$HOME'") == "'a='\"'\"'$HOME'\"'\"''"
