@@ -72,6 +72,11 @@ def _make_stage_command(stage: str) -> click.Command:
     @_params_options
     def command(params_path: Path, overrides: tuple[str, ...]) -> None:
         params = _load(params_path, overrides)
+        from pricefuse.experiments import direct_run_warning
+
+        warning = direct_run_warning(stage, overrides, params_path=params_path)
+        if warning:
+            click.echo(warning, err=True)
         compat.apply()
         module = importlib.import_module(module_name)
         try:
@@ -119,6 +124,33 @@ def pipeline(dvc_args: tuple[str, ...]) -> None:
     if parent:
         env[PARENT_RUN_ENV] = parent
     sys.exit(subprocess.call(["dvc", "repro", *dvc_args], env=env))
+
+
+@main.command("experiment")
+@click.argument("stage")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Parameter for the experiment, e.g. --set fusion.lr=1e-3 (written to params.yaml by "
+    "`dvc exp run -S`). An empty value keeps params.yaml's.",
+)
+@click.option("--name", default=None, help="Experiment name (default: DVC picks one).")
+def experiment(stage: str, overrides: tuple[str, ...], name: str | None) -> None:
+    """Run one dvc.yaml stage with other parameters as a DVC experiment (`dvc exp run -S`).
+
+    DVC records the parameters, the outputs and dvc.lock in an experiment (`dvc exp show`), so
+    the next `dvc repro` keeps this output and re-runs what consumes it. Under `mlflow run` the
+    stage logs into that run. MLproject's stage entry points call this.
+    """
+    from pricefuse.experiments import run_experiment
+
+    try:
+        code = run_experiment(stage.replace("-", "_"), overrides, name=name)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    sys.exit(code)
 
 
 @main.command("check-raw")

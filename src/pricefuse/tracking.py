@@ -27,6 +27,8 @@ METRICS_DIR = Path("metrics")
 # Set by `pricefuse pipeline` under `mlflow run`: stage runs become children of that run.
 PARENT_RUN_ENV = "PRICEFUSE_PARENT_RUN_ID"
 SYSTEM_METRICS_INTERVAL_S = 2.0
+# Set by `pricefuse experiment` under `mlflow run`: only this stage joins that run.
+JOIN_STAGE_ENV = "PRICEFUSE_JOIN_STAGE"
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
@@ -118,6 +120,21 @@ def upstream_tags(dirs: Iterable[Path | str]) -> dict[str, str]:
     return tags
 
 
+def route_mlflow_run(stage: str) -> None:
+    """Under `pricefuse experiment`, turn the `mlflow run` run into a parent for other stages.
+
+    `dvc exp run <stage>` also re-runs stale upstream stages, each a separate process that
+    inherits MLFLOW_RUN_ID. Joining them all would pile several stages' params and metrics into
+    one run, so only the requested stage joins it; the others log child runs of it, as under
+    `pricefuse pipeline`. Changes this process's environment, which is one stage's.
+    """
+    target = os.environ.get(JOIN_STAGE_ENV)
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if target and run_id and target != stage:
+        del os.environ["MLFLOW_RUN_ID"]
+        os.environ[PARENT_RUN_ENV] = run_id
+
+
 def _truncate(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
@@ -136,6 +153,7 @@ def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> 
 
     from pricefuse.datasets import log_inputs
 
+    route_mlflow_run(stage)
     configure(params.mlflow.experiment)
     # The sampler announces every start and stop at INFO: noise in each stage's output.
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)

@@ -48,7 +48,9 @@ def _mlflow_runs(root: Path) -> list[dict]:
     """Runs with their params and tags, read straight from the project's sqlite store."""
     con = sqlite3.connect(root / "mlflow.db")
     runs = []
-    for run_uuid, name, status in con.execute("select run_uuid, name, status from runs"):
+    for run_uuid, name, status in con.execute(
+        "select run_uuid, name, status from runs order by start_time"
+    ):
         params = dict(con.execute("select key, value from params where run_uuid=?", (run_uuid,)))
         tags = dict(con.execute("select key, value from tags where run_uuid=?", (run_uuid,)))
         metrics = dict(
@@ -204,20 +206,73 @@ def test_ensemble_param_reruns_only_ensemble_and_submit(project: Path):
     assert ran == ["ensemble", "submit"], ran
 
 
-def test_mlflow_run_overrides_one_param_for_one_run(project: Path):
-    before = (project / "params.yaml").read_text()
-    run_cmd(
+def _experiments(root: Path) -> dict[str, dict]:
+    """DVC experiments of the current commit (`dvc exp show --json`): name -> params.yaml data."""
+    shown = json.loads(run_cmd(["dvc", "exp", "show", "--json"], root).stdout)
+    return {
+        rev["name"]: rev["data"]["params"]["params.yaml"]["data"]
+        for baseline in shown
+        for group in baseline.get("experiments") or ()
+        for rev in group["revs"]
+    }
+
+
+def test_mlflow_run_of_a_stage_is_a_dvc_experiment(project: Path):
+    result = run_cmd(
         ["mlflow", "run", ".", "-e", "train_fusion", "-P", "lr=1e-3", "--env-manager", "local"],
         project,
         timeout=900,
     )
-    assert (project / "params.yaml").read_text() == before
-    fusion_runs = [r for r in _mlflow_runs(project) if r["tags"].get("stage") == "train_fusion"]
-    latest = fusion_runs[-1]
-    assert latest["params"]["fusion.lr"] == "0.001"
-    assert latest["params"]["lr"] == "1e-3"
-    assert "smape_oof" in latest["metrics"]
-    assert latest["tags"].get("mlflow.project.entryPoint") == "train_fusion"
+    output = result.stdout
+    print(output[output.find("DVC experiment") :])
+    experiments = _experiments(project)
+    [name] = [n for n, p in experiments.items() if p["fusion"]["lr"] == 0.001]
+    assert f"DVC experiment '{name}'" in output and "fusion.lr 0.002 -> 0.001" in output
+    # DVC wrote the value into params.yaml and recorded the new model in dvc.lock
+    assert yaml.safe_load((project / "params.yaml").read_text())["fusion"]["lr"] == 0.001
+    [run] = [
+        r
+        for r in _mlflow_runs(project)
+        if r["tags"].get("mlflow.project.entryPoint") == "train_fusion"
+    ]
+    assert run["tags"]["stage"] == "train_fusion"
+    assert run["params"]["fusion.lr"] == "0.001" and run["params"]["lr"] == "1e-3"
+    assert "smape_oof" in run["metrics"]
+    assert run["tags"]["dvc.experiment"] == name
+    assert json.loads((project / "data/models/fusion/meta.json").read_text())["run_id"] == run["id"]
+    assert f"data/models/fusion now holds this run's output (MLflow run {run['id']})" in output
+    stale = next(line for line in output.splitlines() if line.strip().startswith("Stale:"))
+    assert "ensemble" in stale and "NOT use" in stale and "dvc repro" in stale
+
+
+def test_repro_after_the_experiment_keeps_its_model_and_reruns_the_ensemble(project: Path):
+    runs = _mlflow_runs(project)
+    fusion = next(r for r in runs if r["tags"].get("mlflow.project.entryPoint") == "train_fusion")
+    result = run_cmd(["dvc", "repro"], project, timeout=900)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
+    assert ran == ["ensemble", "ablation", "submit"], ran
+    assert (
+        json.loads((project / "data/models/fusion/meta.json").read_text())["run_id"]
+        == (fusion["id"])
+    )
+    ensemble = [r for r in _mlflow_runs(project) if r["tags"].get("stage") == "ensemble"][-1]
+    assert ensemble["tags"]["upstream.train_fusion"] == fusion["id"]
+    assert ensemble["params"]["fusion.lr"] == "0.001"
+
+
+def test_dvc_exp_run_directly_is_listed_beside_it(project: Path):
+    result = run_cmd(["dvc", "exp", "run", "-S", "fusion.lr=5e-4"], project, timeout=900)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in result.stdout]
+    assert ran == ["train_fusion", "ensemble", "ablation", "submit"], ran
+    experiments = _experiments(project)
+    assert sorted(p["fusion"]["lr"] for p in experiments.values()) == [0.0005, 0.001]
+    table = run_cmd(
+        ["dvc", "exp", "show", "--no-pager", "--drop", ".*", "--keep", r"Experiment|fusion\.lr"],
+        project,
+    ).stdout
+    for name in experiments:
+        assert f"[{name}]" in table, table
+    assert "Data and pipelines are up to date" in run_cmd(["dvc", "status"], project).stdout
 
 
 def test_main_entry_point_runs_changed_stages_as_child_runs(project: Path):
