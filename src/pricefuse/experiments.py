@@ -300,7 +300,8 @@ def report(outcome: Outcome) -> str:
     written_by = f"MLflow run {', '.join(runs)}" if runs else "no recorded MLflow run"
     if o.stage_outcome == "ran" or (o.this_run and o.this_run in runs):
         who = f"this run's output (MLflow run {o.this_run or ', '.join(runs) or '?'})"
-        lines.append(f"  {outputs} now holds {who}; params.yaml and dvc.lock match it.")
+        verb = "holds" if len(o.outputs) == 1 else "hold"
+        lines.append(f"  {outputs} now {verb} {who}; params.yaml and dvc.lock match it.")
     elif o.stage_outcome == "cached":
         lines.append(
             f"  {o.stage} was NOT retrained: DVC restored {outputs} from its run cache (these "

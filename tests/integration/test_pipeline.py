@@ -240,7 +240,8 @@ def test_mlflow_run_of_a_stage_is_a_dvc_experiment(project: Path):
     assert "smape_oof" in run["metrics"]
     assert run["tags"]["dvc.experiment"] == name
     assert json.loads((project / "data/models/fusion/meta.json").read_text())["run_id"] == run["id"]
-    assert f"data/models/fusion now holds this run's output (MLflow run {run['id']})" in output
+    held = "data/models/fusion, plots/train_fusion now hold this run's output"
+    assert f"{held} (MLflow run {run['id']})" in output
     stale = next(line for line in output.splitlines() if line.strip().startswith("Stale:"))
     assert "ensemble" in stale and "NOT use" in stale and "dvc repro" in stale
 

@@ -210,6 +210,8 @@ def test_report_says_what_holds_the_output_and_what_is_stale():
     assert "ensemble" in stale and "NOT use" in stale and "dvc repro" in stale
     assert "ensemble.stack_alpha 1.0 -> 2.0" in text
     assert "dvc exp remove sixty-huck" in text and "dvc exp apply" in text
+    two = ex.report(_outcome(outputs=["data/models/fusion", "plots/train_fusion"]))
+    assert "data/models/fusion, plots/train_fusion now hold this run's output" in two
 
 
 def test_report_on_a_run_cache_restore_names_the_earlier_run():
