@@ -27,6 +27,7 @@ METRICS_DIR = Path("metrics")
 # Set by `pricefuse pipeline` under `mlflow run`: stage runs become children of that run.
 PARENT_RUN_ENV = "PRICEFUSE_PARENT_RUN_ID"
 SYSTEM_METRICS_INTERVAL_S = 2.0
+SYSTEM_METRICS_PREFIX = "system/"  # MLflow's names for the sampled CPU / memory / GPU series
 # Set by `pricefuse experiment` under `mlflow run`: only this stage joins that run.
 JOIN_STAGE_ENV = "PRICEFUSE_JOIN_STAGE"
 
@@ -244,13 +245,18 @@ def log_step_metrics(run_id: str, series: Mapping[str, Sequence[float]]) -> None
 
 def write_metrics_file(stage: str, run_id: str) -> Path:
     """Mirror the run's latest metrics to metrics/<stage>.json, which DVC tracks as metrics
-    (so `dvc metrics diff` compares experiments without opening MLflow)."""
+    (so `dvc metrics diff` compares experiments without opening MLflow). System metrics (CPU,
+    memory, disk samples) stay in MLflow: in the file they would differ on every run."""
     import mlflow
 
     metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
     METRICS_DIR.mkdir(parents=True, exist_ok=True)
     path = METRICS_DIR / f"{stage}.json"
-    payload = {key: round(float(value), 6) for key, value in sorted(metrics.items())}
+    payload = {
+        key: round(float(value), 6)
+        for key, value in sorted(metrics.items())
+        if not key.startswith(SYSTEM_METRICS_PREFIX)
+    }
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
