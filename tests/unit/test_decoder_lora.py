@@ -289,3 +289,22 @@ def test_bad_arguments_are_refused(hub):
         load_decoder_lora(
             "hf:Qwen/Qwen2.5-0.5B", **ARGS, pooling="cls", gradient_checkpointing=False
         )
+
+
+def test_bfloat16_base_keeps_float32_adapters_and_vectors(hub):
+    """The GPU path's dtype handling (bf16 base), checked on CPU."""
+    backbone = load_decoder_lora(
+        "hf:Qwen/Qwen2.5-0.5B",
+        **ARGS,
+        pooling="last",
+        gradient_checkpointing=True,
+        dtype="bfloat16",
+    )
+    dtypes = {n: p.dtype for n, p in backbone.module.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    backbone.module.train()
+    vectors = backbone.module(*_batch(backbone))
+    assert vectors.dtype == torch.float32
+    vectors.sum().backward()
+    assert all(p.grad is not None for p in backbone.module.parameters() if p.requires_grad)

