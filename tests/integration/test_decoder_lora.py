@@ -5,7 +5,7 @@ token vocabulary) in pure Python and dequantises Q4_K_M to float32 - ~45 s for t
 a process, ~20 s for the second (config and tokenizer are then reused); ~70 s in all. The
 backbone is loaded once for the module, plus once more to prove that a saved adapter reproduces
 its predictions in a freshly loaded backbone. The same code paths run in seconds on a tiny Qwen2 in
-tests/unit/test_decoder_lora.py.
+tests/unit/test_decoder_lora_tiny.py.
 """
 
 from __future__ import annotations
