@@ -86,7 +86,9 @@ class EncoderBackbone:
         self.dim = int(model.config.hidden_size)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.module.model.state_dict().items()}
+        return {
+            k: v.detach().to("cpu", copy=True) for k, v in self.module.model.state_dict().items()
+        }
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.model.load_state_dict(state)

@@ -40,9 +40,7 @@ NOT_FINGERPRINTED = ("refit", "export_embeddings", "predict_batch_size")
 
 def fingerprint(cfg: TextConfig, ids: pd.Series, folds: np.ndarray, y_log: np.ndarray) -> str:
     """sha256 over the training parameters and the rows (ids, folds, targets)."""
-    params = {
-        k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED
-    }
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED}
     digest = hashlib.sha256()
     digest.update(json.dumps({"format": FORMAT_VERSION, "text": params}, sort_keys=True).encode())
     digest.update(json.dumps([str(i) for i in ids.tolist()]).encode())

@@ -74,7 +74,11 @@ def disabled_text_member(layout: Layout) -> StageRecord:
     (stale ones are removed so no report picks them up); checkpoints stay for a later run."""
     out_dir = layout.model_dir(MEMBER)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (layout.oof_predictions(MEMBER), layout.test_predictions(MEMBER), out_dir / MANIFEST):
+    for stale in (
+        layout.oof_predictions(MEMBER),
+        layout.test_predictions(MEMBER),
+        out_dir / MANIFEST,
+    ):
         stale.unlink(missing_ok=True)
     shutil.rmtree(out_dir / EMBEDDINGS_DIR, ignore_errors=True)
     return StageRecord(

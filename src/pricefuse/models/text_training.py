@@ -77,7 +77,9 @@ def make_accelerator(cfg: TextConfig) -> Any:
         mixed_precision=cfg.mixed_precision if cuda else "no",
         gradient_accumulation_steps=max(1, cfg.grad_accum),
         cpu=not cuda,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.frozen_epochs > 0)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.frozen_epochs > 0)
+        ],
     )
 
 
@@ -162,7 +164,7 @@ class TextTrainer:
     # --- backbones ------------------------------------------------------------------------------
 
     def _fresh_backbone(self) -> TextBackbone:
-        """Pretrained weights, untouched (the first call reuses the one loaded for the tokenizer)."""
+        """Pretrained weights, untouched (the first call takes the one loaded for the tokenizer)."""
         backbone, self._spare = self._spare, None
         return backbone if backbone is not None else load_backbone(self.cfg)
 
@@ -178,7 +180,9 @@ class TextTrainer:
             dim = regressor.head[1].in_features
             return RowOutputs(rows, np.zeros(0), np.zeros((0, dim), np.float32) if pooled else None)
         ordered = by_length(ids, rows)
-        loader = self.acc.prepare(self._loader(ids, ordered, batch_size=self.cfg.predict_batch_size))
+        loader = self.acc.prepare(
+            self._loader(ids, ordered, batch_size=self.cfg.predict_batch_size)
+        )
         regressor.to(self.acc.device)
         with self.acc.autocast():
             out = predict_batches(
@@ -214,7 +218,11 @@ class TextTrainer:
         model, optimizer, loader = acc.prepare(regressor, optimizer, loader)
         steps_per_epoch = max(1, math.ceil(len(loader) / max(1, cfg.grad_accum)))
         scheduler = make_scheduler(
-            optimizer, cfg.schedule, cfg.epochs * steps_per_epoch, cfg.warmup_fraction, steps_per_epoch
+            optimizer,
+            cfg.schedule,
+            cfg.epochs * steps_per_epoch,
+            cfg.warmup_fraction,
+            steps_per_epoch,
         )
         history: dict[str, list[float]] = {"train_loss": [], "lr": []}
         if len(val_rows):
@@ -244,7 +252,9 @@ class TextTrainer:
                     if acc.sync_gradients:
                         scheduler.step()
                 rows = float(len(batch["target"]))
-                totals += torch.tensor([loss.detach().float().item() * rows, rows], device=acc.device)
+                totals += torch.tensor(
+                    [loss.detach().float().item() * rows, rows], device=acc.device
+                )
                 bar.set_postfix(loss=f"{totals[0].item() / max(totals[1].item(), 1):.4f}")
             totals = acc.reduce(totals, reduction="sum")
             history["train_loss"].append(float(totals[0] / totals[1].clamp(min=1)))
@@ -356,7 +366,9 @@ def train_text_kfold(
             f"{cfg.epochs} and {cfg.smape_epochs}"
         )
     Path(model_dir).mkdir(parents=True, exist_ok=True)
-    trainer = TextTrainer(cfg, accelerator, model_dir, train_texts, y_log, folds, train_ids, progress)
+    trainer = TextTrainer(
+        cfg, accelerator, model_dir, train_texts, y_log, folds, train_ids, progress
+    )
     y = trainer.y
     outcomes: list[ModelOutcome] = []
     for k in fold_ids:
