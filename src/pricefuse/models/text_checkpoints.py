@@ -6,10 +6,10 @@ out-of-fold outputs (log1p predictions, pooled vectors as float16). Written atom
 in the same directory, then one rename), so a kill leaves either the old file or the new one.
 
 Every file carries a fingerprint of what determines the fold's result: the training parameters
-(`text.*` except those only serving reads: `refit`, `export_embeddings`, `predict_batch_size`),
-the rows (sample ids, fold ids, targets) and this format's version. A run takes over a file only
-when the fingerprint matches, so changing a parameter or the data retrains instead of silently
-reusing a stale fold. The process count is not part of it: a fold trained on 2 GPUs is reused on 1.
+(`text.*` except those only serving reads: `refit`, `export_embeddings`, `predict_batch_size`;
+`lora.*` only for LoRA backbones), the rows (sample ids, fold ids, targets) and this format's
+version. A run takes over a file only when the fingerprint matches, so changing a parameter or the
+data retrains instead of silently reusing a stale fold. The process count is not part of it: a fold trained on 2 GPUs is reused on 1.
 
 After a run with `text.refit: true` the fold files no longer need their weights (the refit model
 serves); `slim` drops them, keeping the OOF outputs, so a finished run is not redone and the model
@@ -41,6 +41,8 @@ NOT_FINGERPRINTED = ("refit", "export_embeddings", "predict_batch_size")
 def fingerprint(cfg: TextConfig, ids: pd.Series, folds: np.ndarray, y_log: np.ndarray) -> str:
     """sha256 over the training parameters and the rows (ids, folds, targets)."""
     params = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_FINGERPRINTED}
+    if cfg.kind != "decoder_lora":
+        params.pop("lora")  # read by LoRA backbones only
     digest = hashlib.sha256()
     digest.update(json.dumps({"format": FORMAT_VERSION, "text": params}, sort_keys=True).encode())
     digest.update(json.dumps([str(i) for i in ids.tolist()]).encode())
