@@ -9,7 +9,8 @@ Every file carries a fingerprint of what determines the fold's result: the train
 (`text.*` except those only serving reads: `refit`, `export_embeddings`, `predict_batch_size`;
 `lora.*` only for LoRA backbones), the rows (sample ids, fold ids, targets) and this format's
 version. A run takes over a file only when the fingerprint matches, so changing a parameter or the
-data retrains instead of silently reusing a stale fold. The process count is not part of it: a fold trained on 2 GPUs is reused on 1.
+data retrains instead of silently reusing a stale fold. The process count is not part of it: a
+fold trained on 2 GPUs is reused on 1.
 
 After a run with `text.refit: true` the fold files no longer need their weights (the refit model
 serves); `slim` drops them, keeping the OOF outputs, so a finished run is not redone and the model

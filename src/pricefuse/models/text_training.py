@@ -228,48 +228,27 @@ class TextTrainer:
         if len(val_rows):
             history["val_smape"] = []
         outputs = RowOutputs(val_rows, np.zeros(0), None)
-        for epoch in range(cfg.epochs):
+        epochs = tqdm(range(cfg.epochs), desc=f"text {name}", disable=self._bar_off())
+        for epoch in epochs:
             set_frozen(backbone, regressor, epoch < cfg.frozen_epochs)
             loss_name = epoch_loss_name(epoch, cfg.epochs, cfg.smape_epochs)
             loss_fn = make_loss(loss_name, scale, cfg.huber_delta)
-            bar = tqdm(
-                loader,
-                desc=f"text {name} epoch {epoch + 1}/{cfg.epochs}",
-                leave=False,
-                disable=not (self.progress and acc.is_main_process),
-            )
-            totals = torch.zeros(2, device=acc.device)
-            model.train()
-            for batch in bar:
-                with acc.accumulate(model):
-                    z, _ = model(batch["input_ids"], batch["attention_mask"])
-                    loss = loss_fn(z.float(), batch["target"])
-                    acc.backward(loss)
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if acc.sync_gradients:
-                        scheduler.step()
-                rows = float(len(batch["target"]))
-                totals += torch.tensor(
-                    [loss.detach().float().item() * rows, rows], device=acc.device
-                )
-                bar.set_postfix(loss=f"{totals[0].item() / max(totals[1].item(), 1):.4f}")
-            totals = acc.reduce(totals, reduction="sum")
-            history["train_loss"].append(float(totals[0] / totals[1].clamp(min=1)))
+            desc = f"epoch {epoch + 1}/{cfg.epochs} ({loss_name})"
+            loss = self._train_epoch(model, optimizer, scheduler, loader, loss_fn, desc)
+            history["train_loss"].append(loss)
             history["lr"].append(float(scheduler.get_last_lr()[0]))
             set_frozen(backbone, regressor, False)
+            shown = {"epoch": epoch + 1, f"{loss_name}_loss": f"{loss:.4f}"}
             if len(val_rows):
                 last = epoch == cfg.epochs - 1
                 outputs = self.predict(acc.unwrap_model(model), self.ids, val_rows, pooled=last)
-                val_smape = smape_from_log(self.y[val_rows], outputs.log_price(scale))
-                history["val_smape"].append(val_smape)
-                if acc.is_main_process and self.progress:
-                    tqdm.write(
-                        f"text {name} epoch {epoch + 1}/{cfg.epochs}: {loss_name} loss "
-                        f"{history['train_loss'][-1]:.4f}, val SMAPE {val_smape:.2f}%"
-                    )
+                history["val_smape"].append(
+                    smape_from_log(self.y[val_rows], outputs.log_price(scale))
+                )
+                shown["val_smape"] = f"{history['val_smape'][-1]:.2f}"
+            epochs.set_postfix(shown)
+            if acc.is_main_process and self.progress:
+                tqdm.write(f"text {name} " + ", ".join(f"{k} {v}" for k, v in shown.items()))
         path = ckpt.checkpoint_path(self.model_dir, name)
         payload = {
             "format": ckpt.FORMAT_VERSION,
@@ -290,6 +269,37 @@ class TextTrainer:
         acc.wait_for_everyone()
         acc.free_memory()
         return self._outcome(name, path, payload, resumed=False)
+
+    def _bar_off(self) -> bool | None:
+        """tqdm's `disable`: off on other processes and without `progress`; None = auto (off
+        when the output is not a terminal, e.g. a DVC log)."""
+        return None if self.progress and self.acc.is_main_process else True
+
+    def _train_epoch(
+        self, model: Any, optimizer: Any, scheduler: Any, loader: Any, loss_fn: Any, desc: str
+    ) -> float:
+        """One pass over the (sharded) batches; returns the mean training loss over every
+        process's rows."""
+        acc, cfg = self.acc, self.cfg
+        totals = torch.zeros(2, device=acc.device)
+        model.train()
+        bar = tqdm(loader, desc=desc, leave=False, disable=self._bar_off())
+        for batch in bar:
+            with acc.accumulate(model):
+                z, _ = model(batch["input_ids"], batch["attention_mask"])
+                loss = loss_fn(z.float(), batch["target"])
+                acc.backward(loss)
+                if acc.sync_gradients and cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if acc.sync_gradients:
+                    scheduler.step()
+            rows = float(len(batch["target"]))
+            totals += torch.tensor([loss.detach().float().item() * rows, rows], device=acc.device)
+            bar.set_postfix(loss=f"{(totals[0] / totals[1].clamp(min=1)).item():.4f}")
+        totals = acc.reduce(totals, reduction="sum")
+        return float(totals[0] / totals[1].clamp(min=1))
 
     def _outcome(self, name: str, path: Path, payload: dict, resumed: bool) -> ModelOutcome:
         pooled = payload.get("pooled")
