@@ -61,7 +61,7 @@ def _outputs(root: Path) -> dict:
         "oof": pd.read_parquet(model_dir / "oof.parquet"),
         "test": pd.read_parquet(model_dir / "test.parquet"),
         "meta": json.loads((model_dir / "meta.json").read_text()),
-        "embeddings": np.load(model_dir / "embeddings/train.npy"),
+        "embeddings": np.load(root / "data/models/text_embeddings/train.npy"),
         "plots": sorted(p.name for p in (root / "plots/train_text").iterdir()),
         "runs": runs,
     }
@@ -82,7 +82,7 @@ def test_two_processes_write_what_one_process_writes(tmp_path: Path) -> None:
 
     single, double = _outputs(one), _outputs(two)
     assert single["files"] == double["files"]
-    assert {"fold_0.pt", "fold_1.pt", "fold_2.pt", "text.json", "embeddings/test.npy"} <= set(
+    assert {"fold_0.pt", "fold_1.pt", "fold_2.pt", "text.json", "oof.parquet"} <= set(
         single["files"]
     )
     for key in ("oof", "test"):

@@ -141,7 +141,8 @@ def test_core_returns_the_record_without_mlflow(trained, tmp_path: Path) -> None
     ]
     meta = record.meta[model_dir]
     assert meta["enabled"] and meta["combine"] == "fold_mean" and meta["resumed"] == []
-    assert meta["embeddings_dim"] == 32
+    assert record.meta[layout.text_member_embeddings_dir]["dim"] == 32
+    assert not (model_dir / "embeddings").exists()  # the served model ships the model dir
     assert not (tmp_path / "mlflow.db").exists() and not Path("mlruns").exists()
     written = record.write_plots("train_text", tmp_path / "plots")
     assert {p.name for p in written} == {f"{n}.{e}" for n in TEXT_PLOTS for e in ("csv", "png")}
@@ -153,8 +154,8 @@ def test_core_returns_the_record_without_mlflow(trained, tmp_path: Path) -> None
 
 def test_exported_embeddings_are_row_aligned_and_out_of_fold(trained) -> None:
     _cfg, layout, train, test, _record = trained
-    directory = layout.model_dir("text") / "embeddings"
-    train_emb, test_emb = np.load(directory / "train.npy"), np.load(directory / "test.npy")
+    train_emb = np.load(layout.text_member_embeddings("train"))
+    test_emb = np.load(layout.text_member_embeddings("test"))
     assert train_emb.shape == (len(train), 32) and test_emb.shape == (len(test), 32)
     assert train_emb.dtype == np.float32 and np.isfinite(train_emb).all()
     # fold 0's rows carry the vectors of fold 0's model, which trained on fold 1 only
@@ -343,10 +344,13 @@ def test_disabled_member_removes_predictions_and_keeps_checkpoints(tmp_path: Pat
     model_dir.mkdir(parents=True)
     for name in ("oof.parquet", "test.parquet", MANIFEST, "fold_0.pt"):
         (model_dir / name).write_bytes(b"x")
+    layout.text_member_embeddings_dir.mkdir(parents=True)
+    layout.text_member_embeddings("train").write_bytes(b"x")
     record = disabled_text_member(layout)
     assert "ensemble.members" in record.summary and record.metrics == {}
     assert record.meta[model_dir] == {"enabled": False}
     assert sorted(p.name for p in model_dir.iterdir()) == ["fold_0.pt"]
+    assert list(layout.text_member_embeddings_dir.iterdir()) == []
 
 
 def test_stage_is_disabled_by_default_and_logs_one_run(tmp_path: Path, monkeypatch) -> None:

@@ -6,16 +6,18 @@ The member trains only when `text` is in `ensemble.members` (`text_enabled`): fi
 transformer K times is the one stage that needs a GPU at full size, so it is opt-in, and a disabled
 run records that in seconds (`disabled_text_member`), keeping the DVC pipeline whole.
 
-Exported embeddings (`text.export_embeddings: true`) land in `<model dir>/embeddings/`:
-`train.npy` (each row's pooled vector from the fold model that did not see it) and `test.npy`
-(from the serving model(s)), float32, rows in the order of the parsed tables
-(`data/interim/{train,test}.parquet`), with their row hashes in the model dir's meta.json.
-They are a feature block for the boosters or the fusion head, which do not read them yet.
+Exported embeddings (`text.export_embeddings: true`) land in `layout.text_member_embeddings_dir`
+(`data/models/text_embeddings/`, a DVC output of its own, so the served model, which ships the
+model directory, does not carry them): `train.npy` (each row's pooled vector from the fold model
+that did not see it) and `test.npy` (from the serving model(s)), float32, rows in the order of the
+parsed tables (`data/interim/{train,test}.parquet`), with their row hashes in its meta.json. They
+are a feature block for the boosters or the fusion head, which do not read them yet.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,6 @@ from pricefuse.predictions import write_member_predictions
 from pricefuse.records import PlotData, StageRecord
 
 MODEL_ARTIFACT_PATH = "text_model"
-EMBEDDINGS_DIR = "embeddings"
 # Test rows the reloaded predictor re-predicts, checked against the run's test predictions.
 CHECK_ROWS = 8
 CURVES = ("train_loss", "val_smape")
@@ -80,11 +81,11 @@ def disabled_text_member(layout: Layout) -> StageRecord:
         out_dir / MANIFEST,
     ):
         stale.unlink(missing_ok=True)
-    shutil.rmtree(out_dir / EMBEDDINGS_DIR, ignore_errors=True)
+    embeddings = _clear_embeddings(layout)
     return StageRecord(
         summary="text member disabled: add `text` to ensemble.members to fine-tune it "
         "(README: The text member)",
-        meta={out_dir: {"enabled": False}},
+        meta={out_dir: {"enabled": False}, embeddings: {"exported": False}},
     )
 
 
@@ -122,7 +123,7 @@ def train_text_member(
     write_member_predictions(
         layout, MEMBER, train[ID], folds, {MEMBER: fit.oof}, test[ID], {MEMBER: fit.test}
     )
-    embeddings = _write_embeddings(out_dir, fit, train, test)
+    embeddings = _write_embeddings(layout, fit, train, test)
     folds_text = ", ".join(f"{s:.2f}" for s in fit.fold_smape.values())
     resumed = f"; resumed {', '.join(fit.resumed)}" if fit.resumed else ""
     return StageRecord(
@@ -146,8 +147,8 @@ def train_text_member(
                 "num_processes": accelerator.num_processes,
                 "model_artifact_path": MODEL_ARTIFACT_PATH,
                 "manifest": MANIFEST,
-                **embeddings,
-            }
+            },
+            layout.text_member_embeddings_dir: embeddings,
         },
         params={"text_num_processes": accelerator.num_processes},
     )
@@ -167,19 +168,26 @@ def _check_reloaded(out_dir: Any, test: pd.DataFrame, expected: np.ndarray, stri
         )
 
 
+def _clear_embeddings(layout: Layout) -> Path:
+    """The embeddings directory, emptied: a DVC output, present even when nothing is exported."""
+    directory = layout.text_member_embeddings_dir
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    return directory
+
+
 def _write_embeddings(
-    out_dir: Any, fit: TextFit, train: pd.DataFrame, test: pd.DataFrame
+    layout: Layout, fit: TextFit, train: pd.DataFrame, test: pd.DataFrame
 ) -> dict[str, Any]:
-    target = out_dir / EMBEDDINGS_DIR
-    shutil.rmtree(target, ignore_errors=True)
+    """Write the OOF-safe train and the test embeddings; returns facts for their meta.json."""
+    _clear_embeddings(layout)
     if fit.oof_pooled is None or fit.test_pooled is None:
-        return {"embeddings": None}
-    target.mkdir(parents=True)
-    np.save(target / "train.npy", fit.oof_pooled.astype(np.float32))
-    np.save(target / "test.npy", fit.test_pooled.astype(np.float32))
+        return {"exported": False}
+    np.save(layout.text_member_embeddings("train"), fit.oof_pooled.astype(np.float32))
+    np.save(layout.text_member_embeddings("test"), fit.test_pooled.astype(np.float32))
     return {
-        "embeddings": EMBEDDINGS_DIR,
-        "embeddings_dim": int(fit.oof_pooled.shape[1]),
+        "exported": True,
+        "dim": int(fit.oof_pooled.shape[1]),
         "row_hash_train": row_hash(train[ID].tolist()),
         "row_hash_test": row_hash(test[ID].tolist()),
     }
