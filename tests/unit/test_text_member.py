@@ -376,3 +376,34 @@ def test_stage_is_disabled_by_default_and_logs_one_run(tmp_path: Path, monkeypat
     assert json.loads((tmp_path / "metrics" / "train_text.json").read_text()) == {}
     run = mlflow.MlflowClient(uri).get_run(meta["run_id"])
     assert run.data.tags["stage"] == "train_text" and run.data.params["text.epochs"]
+
+
+def test_pooling_reads_real_tokens_only() -> None:
+    from pricefuse.models.text_backbones import pool_hidden
+
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # row 0: 0..3, 1: 4..7
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    assert pool_hidden(hidden, mask, "mean").flatten().tolist() == [0.5, 5.5]
+    assert pool_hidden(hidden, mask, "cls").flatten().tolist() == [0.0, 4.0]
+    assert pool_hidden(hidden, mask, "last").flatten().tolist() == [1.0, 7.0]
+    with pytest.raises(ValueError, match="pooling"):
+        pool_hidden(hidden, mask, "max")
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_ref: str) -> None:
+    from pricefuse.models.text_backbones import load_encoder
+
+    ids = torch.randint(1000, 2000, (3, 9))
+    mask = torch.ones_like(ids)
+    outputs = []
+    for checkpointing in (False, True):
+        backbone = load_encoder(tiny_ref, "mean", checkpointing)
+        backbone.module.train()
+        torch.manual_seed(0)  # same dropout masks
+        pooled = backbone.module(ids, mask)
+        pooled.sum().backward()
+        grads = [p.grad for p in backbone.module.parameters()]
+        assert all(g is not None for g in grads)
+        outputs.append((pooled.detach(), grads[0]))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0])
+    torch.testing.assert_close(outputs[0][1], outputs[1][1])

@@ -122,7 +122,12 @@ def load_encoder(ref: str, pooling: str, gradient_checkpointing: bool) -> Encode
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False  # a cache is meaningless (and refused) when recomputing
+        kwargs = {"use_reentrant": False}  # the re-entrant variant breaks DDP and frozen inputs
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return EncoderBackbone(ref, model, tokenizer, pooling)
 
 

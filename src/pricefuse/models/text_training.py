@@ -313,7 +313,9 @@ class TextTrainer:
             resumed=resumed,
         )
 
-    def fit_or_resume(self, name: str, fit_rows: np.ndarray, val_rows: np.ndarray, weights: bool):
+    def fit_or_resume(
+        self, name: str, fit_rows: np.ndarray, val_rows: np.ndarray, weights: bool
+    ) -> ModelOutcome:
         """A finished checkpoint of this run's fingerprint, or a newly trained model.
 
         `weights`: whether the checkpoint must still hold its weights (fold models that serve)."""
