@@ -1,5 +1,4 @@
-"""Stage `train_text`: the fine-tuned text regressor (pricefuse.models.text_member) under
-accelerate; trains only when `text` is in ensemble.members, else records "disabled"."""
+"""Stage `train_text`: the fine-tuned text member, if in ensemble.members (models.text_member)."""
 
 from __future__ import annotations
 
@@ -20,9 +19,9 @@ def run(params: Params) -> None:
         with tracking.stage_run(STAGE, params, inputs=[layout.interim_dir]) as run:
             tracking.record(run, STAGE, disabled_text_member(layout))
         return
-    accelerator = make_accelerator(params.text)
-    main = accelerator.is_main_process
+    accelerator = make_accelerator(params.text)  # one process, or one of torchrun's N
     try:
+        main = accelerator.is_main_process  # only it logs the run and writes the outputs
         with tracking.stage_run_on_main(main, STAGE, params, [layout.interim_dir]) as run:
             result = train_text_member(params.text, train, test, layout, accelerator, progress=True)
             if run is not None:
