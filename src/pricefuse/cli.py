@@ -27,6 +27,7 @@ STAGES = (
     "train_linear",
     "train_fusion",
     "train_gbdt",
+    "train_text",
     "ensemble",
     "ablation",
     "submit",

@@ -132,6 +132,48 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters of a decoder backbone (`text.kind: decoder_lora`, via peft)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The fine-tuned text regressor, the `text` member (pricefuse.models.text_*): a backbone by
+    reference trained end to end (encoder) or with LoRA (decoder) on log1p price, K folds."""
+
+    model: str
+    kind: str
+    pooling: str
+    template: str
+    max_length: int
+    batch_size: int
+    predict_batch_size: int
+    grad_accum: int
+    encoder_lr: float
+    head_lr: float
+    head_dropout: float
+    warmup_fraction: float
+    schedule: str
+    weight_decay: float
+    max_grad_norm: float
+    epochs: int
+    frozen_epochs: int
+    huber_delta: float
+    smape_epochs: int
+    mixed_precision: str
+    seed: int
+    gradient_checkpointing: bool
+    lora: LoraConfig
+    refit: bool
+    export_embeddings: bool
+
+
+@dataclass(frozen=True)
 class LightGBMConfig:
     num_leaves: int
     min_child_samples: int
@@ -201,6 +243,7 @@ class Params:
     linear: LinearConfig
     fusion: FusionConfig
     gbdt: GbdtConfig
+    text: TextConfig
     ensemble: EnsembleConfig
     ablation: AblationConfig
     submit: SubmitConfig

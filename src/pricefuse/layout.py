@@ -91,6 +91,14 @@ class Layout:
     def test_predictions(self, name: str) -> Path:
         return self.model_dir(name) / "test.parquet"
 
+    # train_text (text.export_embeddings): fine-tuned, OOF-safe text vectors, parsed-table order
+    @property
+    def text_member_embeddings_dir(self) -> Path:
+        return Path(self.data.models_dir) / "text_embeddings"
+
+    def text_member_embeddings(self, split: str) -> Path:
+        return self.text_member_embeddings_dir / f"{split}.npy"
+
     # submit
     @property
     def submission(self) -> Path:

@@ -83,6 +83,12 @@ PRODUCERS: tuple[Producer, ...] = (
         "pricefuse.models.gbdt_predictor:GbdtPredictor",
         lambda params: tuple(params.gbdt.boosters),
     ),
+    Producer(
+        "text",
+        "train_text",
+        "pricefuse.models.text_predictor:TextPredictor",
+        lambda p: ("text",),
+    ),
 )
 
 

@@ -108,6 +108,7 @@ class StageRecord:
                 stale.unlink()
             for stale in stage_dir.glob("*.png"):
                 stale.unlink()
+        stage_dir.mkdir(parents=True, exist_ok=True)  # a DVC output, even when a run plots nothing
         return [path for plot in self.plots for path in plot.write(stage_dir)]
 
 

@@ -188,6 +188,19 @@ def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> 
         write_metrics_file(stage, run.info.run_id)
 
 
+@contextmanager
+def stage_run_on_main(
+    is_main: bool, stage: str, params: Params, inputs: Iterable[Path | str] = ()
+) -> Iterator[Any]:
+    """`stage_run` on the main process of a stage that several processes run together (data
+    parallel training under torchrun / accelerate); None on the others. One stage, one run."""
+    if not is_main:
+        yield None
+        return
+    with stage_run(stage, params, inputs) as run:
+        yield run
+
+
 def record(run: Any, stage: str, result: StageRecord) -> None:
     """Log what a stage's core returned: metrics (and per-step series), tags, params, plots (CSV
     for DVC + PNG), tables, texts, meta.json in each output directory, artifacts, models in their

@@ -1,0 +1,30 @@
+"""Stage `train_text`: the fine-tuned text member, if in ensemble.members (models.text_member)."""
+
+from __future__ import annotations
+
+from pricefuse import tracking
+from pricefuse.config import Params
+from pricefuse.inputs import load_parsed
+from pricefuse.layout import Layout
+from pricefuse.models.text_member import disabled_text_member, text_enabled, train_text_member
+from pricefuse.models.text_training import make_accelerator
+
+STAGE = "train_text"
+
+
+def run(params: Params) -> None:
+    layout = Layout(params.data)
+    train, test = load_parsed(layout, "train"), load_parsed(layout, "test")
+    if not text_enabled(params):
+        with tracking.stage_run(STAGE, params, inputs=[layout.interim_dir]) as run:
+            tracking.record(run, STAGE, disabled_text_member(layout))
+        return
+    accelerator = make_accelerator(params.text)  # one process, or one of torchrun's N
+    try:
+        main = accelerator.is_main_process  # only it logs the run and writes the outputs
+        with tracking.stage_run_on_main(main, STAGE, params, [layout.interim_dir]) as run:
+            result = train_text_member(params.text, train, test, layout, accelerator, progress=True)
+            if run is not None:
+                tracking.record(run, STAGE, result)
+    finally:
+        accelerator.end_training()
