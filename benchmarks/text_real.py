@@ -1,0 +1,119 @@
+"""OOF SMAPE of the fine-tuned text member on the real rows; the ensemble with and without it.
+
+    python benchmarks/text_real.py [--epochs 2] [--max-length 32] [--keep DIR]
+
+Builds a temp project over ../shared/data/amazon2025 (read in place; links to the shared images,
+as tests/real does), enables `text` in `ensemble.members` with a CPU-sized setting, runs
+`dvc repro`, prints the members' and the ensemble's OOF SMAPE, then re-fits only the ensemble
+without `text` on the same member predictions and prints that too. Nothing derived from the data
+leaves the temp dir (deleted unless --keep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.real.test_real_pipeline import N_TEST_ROWS, _localise_links  # noqa: E402
+from tests.support import PROJECT_FILES, deep_update  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "amazon2025"
+BASE_MEMBERS = ["fusion", "lightgbm", "xgboost", "catboost", "linear", "knn"]
+
+
+def run(args: list[str], cwd: Path) -> str:
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(
+            f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result.stdout
+
+
+def build(root: Path, overrides: dict) -> None:
+    for file in PROJECT_FILES:
+        if (ROOT / file).exists():
+            shutil.copy2(ROOT / file, root / file)
+    shutil.copytree(
+        ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    shutil.copy2(ROOT / ".gitignore", root / ".gitignore")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(deep_update(params, overrides), sort_keys=False)
+    )
+    (root / "real").mkdir()
+    images = SHARED / "images"
+    _localise_links(pd.read_csv(SHARED / "train.csv"), images).to_csv(
+        root / "real/train.csv", index=False
+    )
+    test = pd.read_csv(SHARED / "test.csv").head(N_TEST_ROWS)
+    _localise_links(test, images).to_csv(root / "real/test.csv", index=False)
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"]):
+        run(cmd, root)
+    run(["git", "-c", "user.email=b@x", "-c", "user.name=b", "commit", "-qm", "bench"], root)
+
+
+def scores(root: Path) -> dict[str, float]:
+    metrics = json.loads((root / "metrics/ensemble.json").read_text())
+    return {k: v for k, v in metrics.items() if k.startswith("smape_oof")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--template", default="{item_name} | {value} {unit} | pack {pack}")
+    parser.add_argument("--keep", type=Path, default=None, help="build here and keep it")
+    args = parser.parse_args()
+    if not (SHARED / "train.csv").is_file():
+        raise SystemExit(f"real rows not found at {SHARED}")
+    root = args.keep or Path(tempfile.mkdtemp(prefix="pricefuse-text-real-"))
+    root.mkdir(parents=True, exist_ok=True)
+    overrides = {
+        "data": {"train_csv": "real/train.csv", "test_csv": "real/test.csv"},
+        "fetch": {"connect_timeout": 2.0, "read_timeout": 5.0, "retries": 1},
+        "ensemble": {"members": [*BASE_MEMBERS, "text"]},
+        "text": {
+            "epochs": args.epochs,
+            "max_length": args.max_length,
+            "template": args.template,
+            "smape_epochs": 0 if args.epochs < 2 else 1,
+        },
+    }
+    try:
+        build(root, overrides)
+        started = time.perf_counter()
+        run(["dvc", "repro"], root)
+        seconds = time.perf_counter() - started
+        text_meta = json.loads((root / "metrics/train_text.json").read_text())
+        with_text = scores(root)
+        members = ",".join(BASE_MEMBERS)
+        run(["pricefuse", "ensemble", "--set", f"ensemble.members=[{members}]"], root)
+        without = scores(root)
+        print(f"dvc repro with text: {seconds / 60:.1f} min; text {text_meta}")
+        print("OOF SMAPE (%) on the real rows, 5 group folds:")
+        for key, value in with_text.items():
+            print(f"  with text     {key:<28} {value:7.3f}")
+        for key in ("smape_oof", "smape_oof_blend"):
+            print(f"  without text  {key:<28} {without[key]:7.3f}")
+        a, b = with_text["smape_oof"], without["smape_oof"]
+        print(f"ensemble: {a:.3f} with text vs {b:.3f} without")
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
