@@ -86,7 +86,7 @@ def trained(tiny_ref: str, tmp_path_factory: pytest.TempPathFactory):
     return cfg, layout, train, test, record
 
 
-def test_minilm_fine_tune_lowers_its_training_loss() -> None:
+def test_minilm_fine_tune_lowers_its_training_loss(tmp_path: Path) -> None:
     cfg = dataclasses.replace(
         project_params().text,
         model=MINILM_REF,
@@ -103,7 +103,7 @@ def test_minilm_fine_tune_lowers_its_training_loss() -> None:
     trainer = TextTrainer(
         cfg,
         make_accelerator(cfg),
-        Path("unused"),
+        tmp_path / "checkpoints",  # the trainer writes fold checkpoints there
         render_texts(rows, cfg.template),
         rows["log_price"].to_numpy(),
         rows["fold"].to_numpy(),
