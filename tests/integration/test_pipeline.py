@@ -34,6 +34,10 @@ TINY = {
     "neighbours": {"k": 5},
     "linear": {"char_max_features": 20000},
     "ablation": {"fusion_variants": ["text", "all"]},
+    # The fine-tuned text member is off by default (minutes per epoch on a CPU); here it runs
+    # with a small setting so the pipeline, the registry and the served model include it.
+    "ensemble": {"members": ["fusion", "lightgbm", "xgboost", "catboost", "linear", "knn", "text"]},
+    "text": {"max_length": 16, "epochs": 1, "smape_epochs": 0, "batch_size": 16},
 }
 
 
@@ -93,8 +97,10 @@ def test_dvc_repro_runs_every_stage(project: Path):
     assert "smape_oof_lightgbm" in by_stage["train_gbdt"]["metrics"]
     assert by_stage["train_gbdt"]["tags"]["upstream.neighbours"] == by_stage["neighbours"]["id"]
     ensemble = by_stage["ensemble"]["metrics"]
-    for member in ("fusion", "lightgbm", "xgboost", "catboost", "linear", "knn"):
+    for member in ("fusion", "lightgbm", "xgboost", "catboost", "linear", "knn", "text"):
         assert f"smape_oof_{member}" in ensemble, member
+    assert by_stage["ensemble"]["tags"]["upstream.train_text"] == by_stage["train_text"]["id"]
+    assert "smape_fold_0" in by_stage["train_text"]["metrics"]
     assert "smape_oof_blend" in ensemble and "smape_oof_stack_ridge" in ensemble
     ablation = json.loads((project / "metrics/ablation.json").read_text())
     assert {"blend_without/knn", "fusion_head/text_only", "member_alone/linear"} <= set(ablation)
