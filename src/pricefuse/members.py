@@ -71,6 +71,14 @@ PRODUCERS: tuple[Producer, ...] = (
     Producer(
         "linear", "train_linear", "pricefuse.models.linear:LinearPredictor", lambda p: ("linear",)
     ),
+    # Before the heads that may stack its predictions (`<consumer>.stack_members`): it reads only
+    # the parsed rows.
+    Producer(
+        "text",
+        "train_text",
+        "pricefuse.models.text_predictor:TextPredictor",
+        lambda p: ("text",),
+    ),
     Producer(
         "fusion",
         "train_fusion",
@@ -82,12 +90,6 @@ PRODUCERS: tuple[Producer, ...] = (
         "train_gbdt",
         "pricefuse.models.gbdt_predictor:GbdtPredictor",
         lambda params: tuple(params.gbdt.boosters),
-    ),
-    Producer(
-        "text",
-        "train_text",
-        "pricefuse.models.text_predictor:TextPredictor",
-        lambda p: ("text",),
     ),
 )
 
