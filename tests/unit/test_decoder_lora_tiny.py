@@ -308,3 +308,44 @@ def test_bfloat16_base_keeps_float32_adapters_and_vectors(hub):
     assert vectors.dtype == torch.float32
     vectors.sum().backward()
     assert all(p.grad is not None for p in backbone.module.parameters() if p.requires_grad)
+
+
+def test_text_member_with_a_lora_decoder_saves_adapters_only_and_serves_them(hub, tmp_path):
+    """The `train_text` core end to end with `text.kind: decoder_lora` (a tiny Qwen behind the
+    stubbed hub): checkpoints hold the adapters and the head, never base weights, and the
+    predictor reloaded from them reproduces the written test predictions."""
+    import dataclasses
+
+    import numpy as np
+    import pandas as pd
+
+    from pricefuse.layout import Layout
+    from pricefuse.models.text_member import train_text_member
+    from pricefuse.models.text_predictor import TextPredictor
+    from pricefuse.models.text_training import make_accelerator
+    from tests.support import project_params, text_rows
+
+    params = project_params(data={"models_dir": str(tmp_path / "models")})
+    cfg = dataclasses.replace(
+        params.text,
+        model="hf:Qwen/Qwen2.5-0.5B",
+        kind="decoder_lora",
+        pooling="last",
+        max_length=16,
+        batch_size=8,
+        epochs=1,
+        smape_epochs=0,
+        encoder_lr=1e-3,
+        lora=dataclasses.replace(params.text.lora, r=4, alpha=8, target_modules=("q_proj",)),
+    )
+    layout = Layout(params.data)
+    train, test = text_rows(16, 0), text_rows(6, 1, train=False)
+    record = train_text_member(cfg, train, test, layout, make_accelerator(cfg))
+    assert np.isfinite(record.metrics["smape_oof"])
+
+    model_dir = layout.model_dir("text")
+    refit = torch.load(model_dir / "refit.pt", weights_only=False)
+    assert refit["trainable"] and all("lora_" in key for key in refit["trainable"])
+    saved = TextPredictor.load(model_dir)
+    written = pd.read_parquet(layout.test_predictions("text"))
+    np.testing.assert_allclose(saved.predict(test), written["text"].to_numpy(), atol=1e-5)

@@ -136,12 +136,8 @@ def load_backbone(cfg: TextConfig) -> TextBackbone:
     if cfg.kind == "encoder":
         return load_encoder(cfg.model, cfg.pooling, cfg.gradient_checkpointing)
     if cfg.kind == "decoder_lora":
-        try:
-            from pricefuse.models.decoder_lora import load_decoder_lora
-        except ImportError as exc:
-            raise ModelSourceError(
-                f"text.kind decoder_lora needs pricefuse.models.decoder_lora ({exc})"
-            ) from exc
+        from pricefuse.models.decoder_lora import load_decoder_lora  # peft + gguf: only here
+
         lora = cfg.lora
         return load_decoder_lora(
             cfg.model,
