@@ -10,7 +10,7 @@ configured for another pooling is refused rather than silently embedded differen
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,34 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_transformer(ref: str, check: Callable[[Path], None] | None = None) -> tuple[Any, Any]:
+    """(tokenizer, model) of the transformers directory `ref` resolves to (`pkg:`, `hf:`, path).
+
+    One loader for the frozen embedder and the fine-tuned text member, so both refuse a file
+    reference and a broken directory with the same clear error; `check` vets the directory
+    before anything is loaded (e.g. the embedder's pooling config).
+    """
+    compat.apply()  # transformers imports torchvision when it is installed
+    from transformers import AutoModel, AutoTokenizer
+
+    resolved = resolve(ref)
+    if not resolved.is_dir:
+        raise ModelSourceError(
+            f"text model {ref!r} resolved to the file {resolved.path}; "
+            "a transformers model directory (config.json, tokenizer, weights) is needed"
+        )
+    if check is not None:
+        check(resolved.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
+        model = AutoModel.from_pretrained(str(resolved.path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelSourceError(
+            f"cannot load a transformers text model from {resolved.path} ({ref!r}): {exc}"
+        ) from exc
+    return tokenizer, model
+
+
 class TextEncoder:
     """Mean-pooled, L2-normalised transformer embeddings (cosine similarity = dot product)."""
 
@@ -68,23 +96,7 @@ class TextEncoder:
     @classmethod
     def from_ref(cls, ref: str, max_length: int = 128, batch_size: int = 64) -> TextEncoder:
         """Load from `pkg:<name>`, `hf:<repo>` or a local model directory (config.json inside)."""
-        compat.apply()  # transformers imports torchvision when it is installed
-        from transformers import AutoModel, AutoTokenizer
-
-        resolved = resolve(ref)
-        if not resolved.is_dir:
-            raise ModelSourceError(
-                f"text model {ref!r} resolved to the file {resolved.path}; "
-                "a transformers model directory (config.json, tokenizer, weights) is needed"
-            )
-        _check_mean_pooling(resolved.path)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-            model = AutoModel.from_pretrained(str(resolved.path))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelSourceError(
-                f"cannot load a transformers text model from {resolved.path} ({ref!r}): {exc}"
-            ) from exc
+        tokenizer, model = load_transformer(ref, check=_check_mean_pooling)
         model.eval().to(_device())
         return cls(ref, model, tokenizer, max_length, batch_size)
 

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from pricefuse import compat
-from pricefuse.sources import ModelSourceError, resolve
+from pricefuse.features.text import load_transformer
 
 if TYPE_CHECKING:
     from pricefuse.config import TextConfig
@@ -103,22 +102,7 @@ def load_encoder(ref: str, pooling: str, gradient_checkpointing: bool) -> Encode
     The pretrained pooler (BERT's dense layer over [CLS]) is dropped: the regressor pools itself,
     and a parameter that never receives a gradient stalls distributed data parallel training.
     """
-    compat.apply()  # transformers imports torchvision when it is installed
-    from transformers import AutoModel, AutoTokenizer
-
-    resolved = resolve(ref)
-    if not resolved.is_dir:
-        raise ModelSourceError(
-            f"text model {ref!r} resolved to the file {resolved.path}; a transformers model "
-            "directory (config.json, tokenizer, weights) is needed"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-        model = AutoModel.from_pretrained(str(resolved.path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(
-            f"cannot load a transformers encoder from {resolved.path} ({ref!r}): {exc}"
-        ) from exc
+    tokenizer, model = load_transformer(ref)
     if getattr(model, "pooler", None) is not None:
         model.pooler = None
     if gradient_checkpointing:
