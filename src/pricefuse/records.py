@@ -165,3 +165,22 @@ def mean_curves(histories: Mapping[str, Mapping[str, Sequence[float]]]) -> pd.Da
 def bars(name: str, labels: Sequence[str], values: Sequence[float], title: str) -> PlotData:
     frame = pd.DataFrame({"label": list(labels), "value": [float(v) for v in values]})
     return PlotData(name, "bars", frame, title)
+
+
+def member_plots(
+    member: str,
+    y_log: np.ndarray,
+    oof_log: np.ndarray,
+    fold_curves: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+) -> list[PlotData]:
+    """The plots every member stage declares in dvc.yaml: `pred_vs_actual`, `smape_by_decile`
+    and, for members trained by epochs, `learning_curves` (the mean over folds)."""
+    title = f"{member} OOF"
+    plots = [
+        pred_vs_actual("pred_vs_actual", y_log, oof_log, title),
+        decile_plot("smape_by_decile", y_log, {member: oof_log}, title),
+    ]
+    if fold_curves is not None:
+        curves = mean_curves(fold_curves)
+        plots.append(PlotData("learning_curves", "curves", curves, f"{title}, mean over folds"))
+    return plots

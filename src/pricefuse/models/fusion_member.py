@@ -94,10 +94,5 @@ def _metrics(result: KFoldResult) -> dict[str, float]:
 
 def _plots(train: SplitData, result: KFoldResult) -> list[PlotData]:
     """The three plots dvc.yaml declares for train_fusion (plots/train_fusion/<name>.csv)."""
-    y = train.target
-    curves = records.mean_curves({f: h.as_series() for f, h in result.histories.items()})
-    return [
-        records.pred_vs_actual("pred_vs_actual", y, result.oof, "fusion OOF"),
-        records.decile_plot("smape_by_decile", y, {MEMBER: result.oof}, "fusion OOF"),
-        PlotData("learning_curves", "curves", curves, "fusion learning curves, mean over folds"),
-    ]
+    curves = {fold: history.as_series() for fold, history in result.histories.items()}
+    return records.member_plots(MEMBER, train.target, result.oof, curves)

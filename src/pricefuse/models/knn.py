@@ -101,10 +101,7 @@ def build_neighbours(
             f"in {seconds:.1f}s"
         ),
         metrics=metrics,
-        plots=[
-            records.pred_vs_actual("pred_vs_actual", y, oof, "knn OOF"),
-            records.decile_plot("smape_by_decile", y, {MEMBER: oof}, "knn OOF SMAPE by decile"),
-        ],
+        plots=records.member_plots(MEMBER, y, oof),
         meta={
             out_dir: {"smape_oof": metrics["smape_oof"]},
             features_dir: {"spaces": list(cfg.spaces)},

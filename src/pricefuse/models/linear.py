@@ -199,10 +199,7 @@ def train_linear_member(
     return StageRecord(
         summary=f"linear OOF SMAPE {fit.smape_oof:.3f}% ({len(saved.coef)} n-gram features)",
         metrics=metrics,
-        plots=[
-            records.pred_vs_actual("pred_vs_actual", y, fit.oof, "linear OOF"),
-            records.decile_plot("smape_by_decile", y, {MEMBER: fit.oof}, "linear OOF"),
-        ],
+        plots=records.member_plots(MEMBER, y, fit.oof),
         artifacts={"linear_model": [out_dir]},
         meta={out_dir: {"smape_oof": fit.smape_oof}},
     )

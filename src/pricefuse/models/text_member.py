@@ -210,9 +210,4 @@ def _plots(y: np.ndarray, fit: TextFit) -> list[PlotData]:
         for name, h in fit.histories.items()
         if name.startswith("fold_")
     }
-    curves = records.mean_curves(fold_curves)
-    return [
-        records.pred_vs_actual("pred_vs_actual", y, fit.oof, "text OOF"),
-        records.decile_plot("smape_by_decile", y, {MEMBER: fit.oof}, "text OOF"),
-        PlotData("learning_curves", "curves", curves, "text learning curves, mean over folds"),
-    ]
+    return records.member_plots(MEMBER, y, fit.oof, fold_curves)
