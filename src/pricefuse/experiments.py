@@ -90,33 +90,19 @@ def hydra_value(value: Any) -> str:
     raise ConfigError(f"cannot pass {value!r} to `dvc exp run -S`")
 
 
-def _has_key(tree: Mapping[str, Any], key: str) -> bool:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
-def set_param_args(overrides: Iterable[str], params: Params, raw: Mapping[str, Any]) -> list[str]:
-    """`-S key=value` arguments for `dvc exp run`, from overrides already validated into `params`.
-
-    A key that params.yaml does not spell out (the schema default applies) gets Hydra's `+`,
-    which adds it; without it DVC refuses the key.
-    """
+def set_param_args(overrides: Iterable[str], params: Params) -> list[str]:
+    """`-S key=value` arguments for `dvc exp run`, from overrides already validated into `params`
+    (every valid key is spelled out in params.yaml: the schema has no defaults)."""
     args: list[str] = []
     for key, _raw_value in effective_overrides(overrides):
-        prefix = "" if _has_key(raw, key) else "+"
-        args += ["-S", f"{prefix}{key}={hydra_value(typed_value(params, key))}"]
+        args += ["-S", f"{key}={hydra_value(typed_value(params, key))}"]
     return args
 
 
 def validate(overrides: Sequence[str], params_path: Path = PARAMS_YAML) -> list[str]:
     """Check the overrides against the params schema (ConfigError on a typo or a wrong type,
     before anything runs) and return the `-S` arguments."""
-    params = load_params(params_path, overrides)
-    return set_param_args(overrides, params, load_raw(params_path))
+    return set_param_args(overrides, load_params(params_path, overrides))
 
 
 # ---- dvc.yaml: outputs and the stage graph -----------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pricefuse import experiments as ex
-from pricefuse.config import ConfigError, load_params, load_raw
+from pricefuse.config import ConfigError, load_raw
 from pricefuse.tracking import JOIN_STAGE_ENV, PARENT_RUN_ENV, route_mlflow_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,14 +89,6 @@ def test_set_args_carry_the_validated_typed_values():
         "-S", "ablation.fusion_variants=['text','all']",
         "-S", "embed.text_model='pkg:it\\'s a\\\\'",
         "-S", "ensemble.register=false",
-    ]  # fmt: skip
-
-
-def test_a_key_params_yaml_leaves_to_the_default_is_added():
-    raw = {"fusion": {"lr": 0.002}}
-    params = load_params(ROOT / "params.yaml", ["fusion.lr=0.1", "fusion.epochs=3"])
-    assert ex.set_param_args(["fusion.lr=0.1", "fusion.epochs=3"], params, raw) == [
-        "-S", "fusion.lr=0.1", "-S", "+fusion.epochs=3"
     ]  # fmt: skip
 
 
