@@ -20,13 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pandas as pd
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tests.real.test_real_pipeline import N_TEST_ROWS, _localise_links  # noqa: E402
-from tests.support import PROJECT_FILES, deep_update  # noqa: E402
+from tests.real.test_real_pipeline import write_real_rows  # noqa: E402
+from tests.support import copy_project  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "amazon2025"
 BASE_MEMBERS = ["fusion", "lightgbm", "xgboost", "catboost", "linear", "knn"]
@@ -35,34 +32,9 @@ BASE_MEMBERS = ["fusion", "lightgbm", "xgboost", "catboost", "linear", "knn"]
 def run(args: list[str], cwd: Path) -> str:
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(
-            f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
+        tail = f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        raise SystemExit(f"{' '.join(args)} failed:\n{tail}")
     return result.stdout
-
-
-def build(root: Path, overrides: dict) -> None:
-    for file in PROJECT_FILES:
-        if (ROOT / file).exists():
-            shutil.copy2(ROOT / file, root / file)
-    shutil.copytree(
-        ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
-    shutil.copy2(ROOT / ".gitignore", root / ".gitignore")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(
-        yaml.safe_dump(deep_update(params, overrides), sort_keys=False)
-    )
-    (root / "real").mkdir()
-    images = SHARED / "images"
-    _localise_links(pd.read_csv(SHARED / "train.csv"), images).to_csv(
-        root / "real/train.csv", index=False
-    )
-    test = pd.read_csv(SHARED / "test.csv").head(N_TEST_ROWS)
-    _localise_links(test, images).to_csv(root / "real/test.csv", index=False)
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"]):
-        run(cmd, root)
-    run(["git", "-c", "user.email=b@x", "-c", "user.name=b", "commit", "-qm", "bench"], root)
 
 
 def scores(root: Path) -> dict[str, float]:
@@ -93,7 +65,8 @@ def main() -> None:
         },
     }
     try:
-        build(root, overrides)
+        copy_project(root, overrides)
+        write_real_rows(root, SHARED)
         started = time.perf_counter()
         run(["dvc", "repro"], root)
         seconds = time.perf_counter() - started

@@ -11,7 +11,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest
 
-from tests.support import PROJECT_FILES, deep_update, run_cmd
+from tests.support import copy_project
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "amazon2025"
@@ -69,32 +69,8 @@ def make_project(tmp_path_factory: pytest.TempPathFactory):
 
     The copy uses the installed pricefuse package; `overrides` are merged into its params.yaml.
     """
-    import shutil
-
-    import yaml
 
     def factory(name: str, overrides: dict) -> Path:
-        root = tmp_path_factory.mktemp(name)
-        for file in PROJECT_FILES:
-            if (REPO_ROOT / file).exists():
-                shutil.copy2(REPO_ROOT / file, root / file)
-        shutil.copytree(
-            REPO_ROOT / "src",
-            root / "src",
-            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
-        )
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        (root / "params.yaml").write_text(
-            yaml.safe_dump(deep_update(params, overrides), sort_keys=False)
-        )
-        (root / ".gitignore").write_text((REPO_ROOT / ".gitignore").read_text())
-        run_cmd(["git", "init", "-q"], root)
-        run_cmd(["git", "config", "user.email", "ci@example.com"], root)
-        run_cmd(["git", "config", "user.name", "ci"], root)
-        run_cmd(["dvc", "init", "-q"], root)
-        run_cmd(["dvc", "config", "core.analytics", "false"], root)
-        run_cmd(["git", "add", "-A"], root)
-        run_cmd(["git", "commit", "-qm", "project copy"], root)
-        return root
+        return copy_project(tmp_path_factory.mktemp(name), overrides)
 
     return factory

@@ -139,3 +139,33 @@ def tiny_encoder(directory: Path) -> str:
         BertModel(config).save_pretrained(str(directory))
         tokenizer.save_pretrained(str(directory))
     return str(directory)
+
+
+def copy_project(root: Path, overrides: dict) -> Path:
+    """Copy the project (code, pipeline, params with `overrides` merged) into `root` as a fresh,
+    committed git + DVC repo: what the integration and real tests and the benchmarks run in."""
+    import shutil
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    root.mkdir(parents=True, exist_ok=True)
+    for file in PROJECT_FILES:
+        if (repo / file).exists():
+            shutil.copy2(repo / file, root / file)
+    shutil.copytree(
+        repo / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(
+        yaml.safe_dump(deep_update(params, overrides), sort_keys=False)
+    )
+    (root / ".gitignore").write_text((repo / ".gitignore").read_text())
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd(["git", "config", "user.email", "ci@example.com"], root)
+    run_cmd(["git", "config", "user.name", "ci"], root)
+    run_cmd(["dvc", "init", "-q"], root)
+    run_cmd(["dvc", "config", "core.analytics", "false"], root)
+    run_cmd(["git", "add", "-A"], root)
+    run_cmd(["git", "commit", "-qm", "project copy"], root)
+    return root

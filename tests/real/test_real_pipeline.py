@@ -32,6 +32,18 @@ def _localise_links(frame: pd.DataFrame, images: Path) -> pd.DataFrame:
     return out
 
 
+def write_real_rows(root: Path, shared_data: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The real train rows and the first N_TEST_ROWS test rows as `root/real/{train,test}.csv`
+    (where the test points data.train_csv and data.test_csv), image links at the shared copies."""
+    (root / "real").mkdir()
+    images = shared_data / "images"
+    train = _localise_links(pd.read_csv(shared_data / "train.csv"), images)
+    test = _localise_links(pd.read_csv(shared_data / "test.csv").head(N_TEST_ROWS), images)
+    train.to_csv(root / "real/train.csv", index=False)
+    test.to_csv(root / "real/test.csv", index=False)
+    return train, test
+
+
 def test_real_data_members_and_ensemble(shared_data: Path, make_project):
     root = make_project(
         "real",
@@ -40,12 +52,7 @@ def test_real_data_members_and_ensemble(shared_data: Path, make_project):
             "fetch": {"connect_timeout": 2.0, "read_timeout": 5.0, "retries": 1},
         },
     )
-    (root / "real").mkdir()
-    images = shared_data / "images"
-    train = _localise_links(pd.read_csv(shared_data / "train.csv"), images)
-    test = _localise_links(pd.read_csv(shared_data / "test.csv").head(N_TEST_ROWS), images)
-    train.to_csv(root / "real/train.csv", index=False)
-    test.to_csv(root / "real/test.csv", index=False)
+    train, test = write_real_rows(root, shared_data)
 
     run_cmd(["dvc", "repro"], root, timeout=3000)
     report = run_cmd(["pricefuse", "evaluate"], root).stdout
