@@ -34,6 +34,8 @@ class ConfigError(ValueError):
 class MlflowConfig:
     experiment: str
     registered_model: str
+    champion_alias: str
+    promotion_tolerance: float
 
 
 @dataclass(frozen=True)
@@ -231,6 +233,14 @@ class SubmitConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    image_hosts: tuple[str, ...]
+    allow_local_images: bool
+    trusted_networks: tuple[str, ...]
+    interval_level: float
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int
     mlflow: MlflowConfig
@@ -247,6 +257,7 @@ class Params:
     ensemble: EnsembleConfig
     ablation: AblationConfig
     submit: SubmitConfig
+    serving: ServingConfig
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -38,6 +38,9 @@ TINY = {
     # with a small setting so the pipeline, the registry and the served model include it.
     "ensemble": {"members": ["fusion", "lightgbm", "xgboost", "catboost", "linear", "knn", "text"]},
     "text": {"max_length": 16, "epochs": 1, "smape_epochs": 0, "batch_size": 16},
+    # demo image links are paths on this disk: let the served model read them, so its answers
+    # can be compared with the submission (which used the same images)
+    "serving": {"allow_local_images": True},
 }
 
 
