@@ -196,17 +196,26 @@ def predict(
     params_path: Path,
     overrides: tuple[str, ...],
 ) -> None:
-    """Predict prices for a CSV of raw product rows with the registered ensemble."""
+    """Predict prices for a CSV of raw product rows with the registered ensemble.
+
+    Image links are fetched as this command's params allow (`serving` and `fetch` of
+    params.yaml and `--set`), not the model's snapshot: whoever runs it decides, e.g.
+    `--set serving.allow_local_images=true` to read images from this disk.
+    """
     params = _load(params_path, overrides)
     compat.apply()
     import mlflow
     import pandas as pd
 
     from pricefuse import tracking
+    from pricefuse.data.images import ImagePolicy
 
     tracking.configure(params.mlflow.experiment)
     uri = model_uri or f"models:/{params.mlflow.registered_model}/latest"
     model = mlflow.pyfunc.load_model(uri)
+    served = model.unwrap_python_model()
+    if hasattr(served, "image_policy"):  # duck-typed: the model's code is its own copy
+        served.image_policy = ImagePolicy.from_config(params.serving, params.fetch)
     rows = pd.read_csv(input_csv)
     prices = model.predict(rows)
     prices.to_csv(output_csv, index=False)

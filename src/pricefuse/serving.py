@@ -5,7 +5,10 @@ encoders, the neighbour features, every member the registry (`pricefuse.members`
 `ensemble.members`, and the blend or stacker — so `mlflow models serve` and `pricefuse predict`
 answer exactly what `submit` wrote.
 Rows without a usable image (no link, broken link, corrupt bytes) take the text-only path, as in
-training. A row that cannot be priced at all (no catalog_content) is an error naming the row,
+training, and say so: every answer row carries `image_used` and `image_status` (`ok`,
+`no_image`, or why the image was refused or failed). Image links are fetched only as the
+params snapshot's `serving` section allows (`pricefuse.data.images.guard`): requests come from
+strangers. A row that cannot be priced at all (no catalog_content) is an error naming the row,
 never a silent NaN.
 """
 
@@ -70,6 +73,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
 
         compat.apply()
         from pricefuse.config import params_from_dict
+        from pricefuse.data.images import ImagePolicy
         from pricefuse.features.image import ImageEncoder
         from pricefuse.features.text import TextEncoder
         from pricefuse.members import serving_producers
@@ -89,6 +93,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
             for producer in serving_producers(self.params)
         ]
         self.state = EnsembleState.load(artifacts[ART_ENSEMBLE])
+        self.image_policy = ImagePolicy.from_config(self.params.serving, self.params.fetch)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -100,24 +105,22 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
             rows = validate_input(model_input)
         except InvalidInputError as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        prices = self.predict_prices(rows)
-        out = pd.DataFrame({"price": prices})
+        from pricefuse.data.images import image_columns, load_images
+
+        outcomes = load_images(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], self.image_policy)
+        prices = self.predict_prices(rows, [outcome.image for outcome in outcomes])
+        out = pd.DataFrame({"price": prices, **image_columns(outcomes)})
         if INPUT_ID in rows.columns:
             out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
         return out
 
-    def predict_prices(self, rows: pd.DataFrame) -> np.ndarray:
-        """Prices for validated rows (see `validate_input`)."""
+    def predict_prices(self, rows: pd.DataFrame, images: list[Any]) -> np.ndarray:
+        """Prices for validated rows (see `validate_input`) and their images (None: text-only)."""
         from pricefuse.data.catalog import parse_frame
-        from pricefuse.data.images import load_image_source
         from pricefuse.members import MemberBatch
         from pricefuse.models.ensemble import meta_features, to_price
 
         parsed, _report = parse_frame(rows)
-        images = [
-            load_image_source(link=link, b64=b64, cfg=self.params.fetch)
-            for link, b64 in zip(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], strict=True)
-        ]
         text_emb = self.text_encoder.encode(list(parsed["text"]))
         image_emb, mask = self.image_encoder.encode(images)
         parsed["has_image"] = mask
@@ -151,7 +154,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
 def model_signature() -> Any:
     """Input: catalog_content (required); image_link, image_b64, sample_id (optional).
 
-    Output: price (and the sample_id echoed when given).
+    Output: price, image_used and image_status (and the sample_id echoed when given).
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -164,7 +167,13 @@ def model_signature() -> Any:
             ColSpec("long", INPUT_ID, required=False),
         ]
     )
-    outputs = Schema([ColSpec("double", "price")])
+    outputs = Schema(
+        [
+            ColSpec("double", "price"),
+            ColSpec("boolean", "image_used"),
+            ColSpec("string", "image_status"),
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 

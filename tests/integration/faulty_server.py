@@ -17,6 +17,7 @@ import io
 import json
 import random
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -33,6 +34,7 @@ from typing import ClassVar
 # behaviour (a scripted fault before it only costs attempts).
 EXPECTED_STATUS = {
     "ok": "ok",
+    "chunked": "ok",
     "redirect": "ok",
     "404": "missing",
     "403": "missing",
@@ -80,9 +82,12 @@ class FaultyServer:
         slow_seconds: float = 2.0,
         delay: float = 0.0,
         lifetime: float = 120.0,
+        trickle_interval: float = 0.1,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.routes = dict(routes)
         self.slow_seconds = slow_seconds
+        self.trickle_interval = trickle_interval
         self.delay = delay
         self.lifetime = lifetime
         self.counts: Counter[str] = Counter()
@@ -90,6 +95,10 @@ class FaultyServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _handler_for(self))
+        if tls is not None:  # HTTPS: the handshake runs in the handler thread
+            self._httpd.socket = tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._threads: list[threading.Thread] = []
 
     @property
@@ -116,7 +125,9 @@ class FaultyServer:
         return self._stopping.wait(seconds)
 
     def start(self) -> FaultyServer:
-        serve = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        serve = threading.Thread(  # a short poll: stop() returns in 50 ms, not 500
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         watchdog = threading.Thread(target=self._expire, daemon=True)
         self._threads = [serve, watchdog]
         for thread in self._threads:
@@ -194,6 +205,10 @@ def _handler_for(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
                 self._truncate(route, framed=False)
             elif behaviour == "reset":
                 self._reset()
+            elif behaviour == "trickle":
+                self._trickle(route)
+            elif behaviour == "chunked":
+                self._chunked(route)
             else:
                 raise ValueError(f"unknown behaviour {behaviour!r}")
 
@@ -222,6 +237,37 @@ def _handler_for(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(route.body[: len(route.body) // 2])
             self.close_connection = True
+
+        def _trickle(self, route: Route) -> None:
+            """The body one byte per `trickle_interval`: each read succeeds well within a read
+            timeout, so only a deadline on the whole response ends it."""
+            self.send_response(200)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Content-Length", str(len(route.body)))
+            self.end_headers()
+            try:
+                for i in range(len(route.body)):
+                    self.wfile.write(route.body[i : i + 1])
+                    self.wfile.flush()
+                    if self.owner.wait(self.owner.trickle_interval):
+                        break
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            self.close_connection = True
+
+        def _chunked(self, route: Route) -> None:
+            """The body in 4 KiB chunks (Transfer-Encoding: chunked, no Content-Length)."""
+            self.send_response(200)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for start in range(0, len(route.body), 4096):
+                    piece = route.body[start : start + 4096]
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
 
         def _reset(self) -> None:
             """Abort with a TCP RST before any response byte (SO_LINGER 0 + close)."""

@@ -19,6 +19,7 @@ from PIL import Image, ImageFile
 
 from pricefuse.config import FetchConfig
 from pricefuse.data.images import (
+    ImagePolicy,
     ImageRejected,
     backoff_delay,
     cache_stem,
@@ -321,29 +322,41 @@ def test_changing_max_side_rebuilds_the_cache(project: Path) -> None:
 # --- serving ----------------------------------------------------------------------------------
 
 
+def local_policy(cfg: FetchConfig) -> ImagePolicy:
+    """The serving policy of the demo: local images allowed, no network hosts."""
+    serving = project_params(serving={"allow_local_images": True, "image_hosts": []}).serving
+    return ImagePolicy.from_config(serving, cfg)
+
+
 def test_load_image_source_matches_the_cache_and_never_raises(project: Path) -> None:
     cfg = fetch_config(max_side=100)
+    policy = local_policy(cfg)
     link = "data/raw/demo/images/5.jpg"
     cached = Image.open(fetch_images([link], "data/images", cfg).records[0].path)
     data = Path(link).read_bytes()
-    for image in (
-        load_image_source(link, cfg=cfg),
-        load_image_source((project / link).as_uri(), cfg=cfg),
-        load_image_source(b64=base64.b64encode(data).decode(), cfg=cfg),
-        load_image_source(b64="data:image/jpeg;base64," + base64.b64encode(data).decode(), cfg=cfg),
+    for outcome in (
+        load_image_source(link, policy=policy),
+        load_image_source((project / link).as_uri(), policy=policy),
+        load_image_source(b64=base64.b64encode(data).decode(), policy=policy),
+        load_image_source(
+            b64="data:image/jpeg;base64," + base64.b64encode(data).decode(), policy=policy
+        ),
     ):
-        assert image is not None
-        assert image.size == cached.size == (100, 50)
-        assert list(image.getdata()) == list(cached.getdata())  # same pixels as training saw
-    for broken in (
-        {},
-        {"link": ""},
-        {"link": "data/raw/demo/images/nope.jpg"},
-        {"link": "data/raw/demo/images/corrupt.jpg"},
-        {"link": "data/raw"},
-        {"b64": "!!! not base64 !!!"},
-        {"b64": base64.b64encode(b"<html></html>").decode()},
-        {"link": "http://127.0.0.1:9/closed-port.jpg"},
-        {"link": "ftp://example.invalid/x.jpg"},
+        assert outcome.used and outcome.status == "ok"
+        assert outcome.image.size == cached.size == (100, 50)
+        assert list(outcome.image.getdata()) == list(cached.getdata())  # as training saw
+    quick = local_policy(fetch_config(connect_timeout=0.5))
+    for broken, status in (
+        ({}, "no_image"),
+        ({"link": ""}, "no_image"),
+        ({"link": "data/raw/demo/images/nope.jpg"}, "file_not_found"),
+        ({"link": "data/raw/demo/images/corrupt.jpg"}, "undecodable"),
+        ({"link": "data/raw"}, "not_a_file"),
+        ({"link": "/dev/zero"}, "not_a_file"),  # stat size 0, endless: never read
+        ({"b64": "!!! not base64 !!!"}, "bad_base64"),
+        ({"b64": base64.b64encode(b"<html></html>").decode()}, "not_an_image"),
+        ({"link": "http://127.0.0.1:9/closed-port.jpg"}, "host_not_allowed"),
+        ({"link": "ftp://example.invalid/x.jpg"}, "scheme_refused"),
     ):
-        assert load_image_source(**broken, cfg=fetch_config(connect_timeout=0.5)) is None
+        outcome = load_image_source(**broken, policy=quick)
+        assert (outcome.image, outcome.status) == (None, status), broken

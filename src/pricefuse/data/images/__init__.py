@@ -13,7 +13,9 @@ One module per job (this package re-exports their public API):
 - `cache`: the cache directory layout, atomic writes, the journal and the manifest.
 - `http`: the asynchronous fetch run: retries, backoff, Retry-After, host-down detection.
 - `fetch`: `fetch_images`, the orchestration, and its `FetchResult`.
-- `source`: `load_image_source`, one image for serving.
+- `guard`: `ImagePolicy` and `guarded_get`, the only way serving fetches a link (allow-listed
+  public hosts, pinned addresses, checked redirects, size and time limits).
+- `source`: `load_image_source` / `load_images`, one image per serving row with its status.
 - `update`: the fetch_images stage's work (links of the raw CSVs -> cache + what it records);
   not re-exported: it imports the plotting stack, which serving does not need.
 """
@@ -22,10 +24,16 @@ from __future__ import annotations
 
 from pricefuse.data.images.cache import ImageCache, cache_stem, read_manifest, write_manifest
 from pricefuse.data.images.fetch import FetchResult, fetch_images
+from pricefuse.data.images.guard import ImagePolicy, Refused, guarded_get
 from pricefuse.data.images.http import backoff_delay, parse_retry_after
 from pricefuse.data.images.links import distinct_links, link_kind, local_path
 from pricefuse.data.images.records import STATUSES, LinkRecord
-from pricefuse.data.images.source import load_image_source
+from pricefuse.data.images.source import (
+    ImageOutcome,
+    image_columns,
+    load_image_source,
+    load_images,
+)
 from pricefuse.data.images.validate import (
     ALLOWED_FORMATS,
     ImageRejected,
@@ -39,15 +47,21 @@ __all__ = [
     "STATUSES",
     "FetchResult",
     "ImageCache",
+    "ImageOutcome",
+    "ImagePolicy",
     "ImageRejected",
     "LinkRecord",
     "PreparedImage",
+    "Refused",
     "backoff_delay",
     "cache_stem",
     "distinct_links",
     "fetch_images",
+    "guarded_get",
+    "image_columns",
     "link_kind",
     "load_image_source",
+    "load_images",
     "local_path",
     "parse_retry_after",
     "prepare_image",

@@ -1,77 +1,157 @@
-"""Serving: the one image a request row refers to (a link or base64), never raising."""
+"""Serving: the one image a request row refers to (a link or base64), never raising.
+
+Each row ends with an `ImageOutcome`: the image, or None and the reason (`status`) — so the
+served answer can say per row whether an image was used and, if not, why, instead of silently
+pricing from the text alone. Links go through `guard` (allow-listed public hosts only; local
+paths only when the policy allows them).
+"""
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import logging
+import re
+import stat
+import urllib.parse
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from PIL import Image
 
-from pricefuse.config import FetchConfig
-from pricefuse.data.images.http import USER_AGENT
-from pricefuse.data.images.links import link_kind, local_path
-from pricefuse.data.images.validate import prepare_image
+from pricefuse.data.images.guard import ImagePolicy, Refused, guarded_get
+from pricefuse.data.images.links import local_path
+from pricefuse.data.images.validate import ImageRejected, prepare_image
 
 log = logging.getLogger(__name__)
 
+STATUS_OK = "ok"
+STATUS_NO_IMAGE = "no_image"
+_REJECTED = {"not_image": "not_an_image"}  # validate's kinds, named for a reader of the output
+_WHITESPACE = re.compile(rb"\s+")
 
-def _b64_bytes(text: str, cfg: FetchConfig) -> bytes | None:
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """One row's image, or None and why: `ok`, `no_image`, or a refusal/failure reason."""
+
+    image: Image.Image | None
+    status: str
+
+    @property
+    def used(self) -> bool:
+        return self.image is not None
+
+
+def _b64_bytes(text: str, max_bytes: int) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
-    if len(text) * 3 // 4 > cfg.max_bytes:
+    packed = _WHITESPACE.sub(b"", text.encode("ascii", "replace"))
+    if len(packed) * 3 // 4 > max_bytes:
+        raise Refused("too_large", "base64 image")
+    altchars = b"-_" if b"-" in packed or b"_" in packed else None  # URL-safe alphabet
+    try:
+        return base64.b64decode(packed, altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise Refused("bad_base64", str(exc)) from exc
+
+
+def _is_local(link: str) -> bool:
+    """Paths and file:// URLs (a one-letter scheme is a Windows drive); other schemes are not."""
+    scheme = urllib.parse.urlsplit(link).scheme.lower()
+    return scheme in ("", "file") or len(scheme) == 1
+
+
+def _local_bytes(link: str, policy: ImagePolicy) -> bytes:
+    if not policy.allow_local:
+        raise Refused("local_path_refused")
+    path = local_path(link)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or device would block or never end
+            raise Refused("not_a_file", str(path))
+        if info.st_size > policy.fetch.max_bytes:
+            raise Refused("too_large", str(path))
+        with path.open("rb") as handle:
+            data = handle.read(policy.fetch.max_bytes + 1)
+    except FileNotFoundError as exc:
+        raise Refused("file_not_found", str(path)) from exc
+    except OSError as exc:
+        raise Refused("file_unreadable", f"{path}: {exc}") from exc
+    if len(data) > policy.fetch.max_bytes:
+        raise Refused("too_large", str(path))
+    return data
+
+
+def _source_bytes(link: str | None, b64: str | None, policy: ImagePolicy) -> bytes | None:
+    if isinstance(b64, str) and b64.strip():
+        return _b64_bytes(b64.strip(), policy.fetch.max_bytes)
+    if not (isinstance(link, str) and link.strip()):
         return None
-    return base64.b64decode(text, validate=False)
-
-
-def _http_bytes(url: str, cfg: FetchConfig) -> bytes | None:
-    """One GET with the fetch timeouts: serving answers a request now, so no retry loop."""
-    import requests
-
-    with requests.get(
-        url,
-        timeout=(cfg.connect_timeout, cfg.read_timeout),
-        stream=True,
-        headers={"User-Agent": USER_AGENT},
-    ) as response:
-        if response.status_code != 200:
-            return None
-        chunks: list[bytes] = []
-        size = 0
-        for chunk in response.iter_content(1 << 16):
-            size += len(chunk)
-            if size > cfg.max_bytes:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+    link = link.strip()
+    scheme = urllib.parse.urlsplit(link).scheme.lower()
+    if scheme in ("http", "https"):
+        return guarded_get(link, policy)
+    if _is_local(link):
+        return _local_bytes(link, policy)
+    raise Refused("scheme_refused", scheme)
 
 
 def load_image_source(
-    link: str | None = None, b64: str | None = None, *, cfg: FetchConfig
-) -> Image.Image | None:
+    link: str | None = None, b64: str | None = None, *, policy: ImagePolicy
+) -> ImageOutcome:
     """The image a serving row refers to, prepared exactly as the training cache would hold it
-    (same validation, same downscale and re-encoding), or None when absent or broken.
+    (same validation, same downscale and re-encoding), with its status.
 
-    Never raises: a missing or broken image sends the row down the text-only path, as in
-    training. `b64` wins over `link` when both are given (the bytes are already here).
+    Never raises: an absent, refused or broken image sends the row down the text-only path, as
+    in training, and the status says which. `b64` wins over `link` when both are given (the
+    bytes are already here).
     """
     try:
-        data: bytes | None = None
-        if isinstance(b64, str) and b64.strip():
-            data = _b64_bytes(b64.strip(), cfg)
-        elif isinstance(link, str) and link.strip():
-            link = link.strip()
-            if link_kind(link) == "http":
-                data = _http_bytes(link, cfg)
-            else:
-                path = local_path(link)
-                data = path.read_bytes() if path.stat().st_size <= cfg.max_bytes else None
-        if not data:
-            return None
-        prepared = prepare_image(data, cfg)
+        data = _source_bytes(link, b64, policy)
+        if data is None:
+            return ImageOutcome(None, STATUS_NO_IMAGE)
+        prepared = prepare_image(data, policy.fetch)
         image = Image.open(io.BytesIO(prepared.data))
         image.load()
-        return image
+        return ImageOutcome(image, STATUS_OK)
+    except Refused as refused:
+        log.info("image not used (%s): %s", link or "b64", refused)
+        return ImageOutcome(None, refused.reason)
+    except ImageRejected as rejected:
+        return ImageOutcome(None, _REJECTED.get(rejected.kind, rejected.kind))
     except Exception as exc:  # the contract: never raise, fall back to text-only
-        log.debug("image source unusable (%s): %s", link or "b64", exc)
-        return None
+        log.warning("image source unusable (%s): %s", link or "b64", exc)
+        return ImageOutcome(None, "image_error")
+
+
+def load_images(
+    links: Sequence[str | None], b64s: Sequence[str | None], policy: ImagePolicy
+) -> list[ImageOutcome]:
+    """`load_image_source` for every row, in row order.
+
+    Rows with a source are loaded concurrently (at most `fetch.per_host` at a time: serving's
+    links all go to the few allow-listed hosts), so a batch waits about as long as its slowest
+    image rather than the sum of them; each fetch is bounded by the policy's deadline.
+    """
+    pairs = list(zip(links, b64s, strict=True))
+
+    def load(pair: tuple[str | None, str | None]) -> ImageOutcome:
+        return load_image_source(pair[0], pair[1], policy=policy)
+
+    with_source = sum(1 for link, b64 in pairs if link or b64)
+    if with_source <= 1:
+        return [load(pair) for pair in pairs]
+    workers = max(1, min(policy.fetch.per_host, with_source))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pricefuse-serve-img") as pool:
+        return list(pool.map(load, pairs))
+
+
+def image_columns(outcomes: Sequence[ImageOutcome]) -> dict[str, list]:
+    """The served output's per-row image columns: `image_used` and `image_status`."""
+    return {
+        "image_used": [outcome.used for outcome in outcomes],
+        "image_status": [outcome.status for outcome in outcomes],
+    }
