@@ -6,7 +6,8 @@ encoders, the neighbour features, every member the registry (`pricefuse.members`
 answer exactly what `submit` wrote.
 Rows without a usable image (no link, broken link, corrupt bytes) take the text-only path, as in
 training. A row that cannot be priced at all (no catalog_content) is an error naming the row,
-never a silent NaN.
+never a silent NaN. Each price comes with `price_low`/`price_high`, a split-conformal interval
+(pricefuse.models.intervals) at the request's `interval_level` (a signature param).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ INPUT_ID = "sample_id"
 # Artifact keys inside the logged model (the producers' keys are their registry names).
 ART_ENSEMBLE = "ensemble"
 ART_PARAMS = "params"
+PARAM_LEVEL = "interval_level"  # per-request param: the price interval's level
 
 
 class InvalidInputError(ValueError):
@@ -74,6 +76,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from pricefuse.features.text import TextEncoder
         from pricefuse.members import serving_producers
         from pricefuse.models.ensemble import EnsembleState
+        from pricefuse.models.intervals import ConformalCalibration
 
         raw = json.loads(Path(artifacts[ART_PARAMS]).read_text())
         self.params = params_from_dict(raw)
@@ -89,6 +92,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
             for producer in serving_producers(self.params)
         ]
         self.state = EnsembleState.load(artifacts[ART_ENSEMBLE])
+        self.intervals = ConformalCalibration.load(artifacts[ART_ENSEMBLE])
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -96,18 +100,20 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+        from pricefuse.models.intervals import IntervalLevelError, check_level
+
         try:
             rows = validate_input(model_input)
-        except InvalidInputError as exc:
+            level = check_level((params or {}).get(PARAM_LEVEL, self.params.serving.interval_level))
+        except (InvalidInputError, IntervalLevelError) as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        prices = self.predict_prices(rows)
-        out = pd.DataFrame({"price": prices})
+        out = self.predict_prices(rows, level)
         if INPUT_ID in rows.columns:
             out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
         return out
 
-    def predict_prices(self, rows: pd.DataFrame) -> np.ndarray:
-        """Prices for validated rows (see `validate_input`)."""
+    def predict_prices(self, rows: pd.DataFrame, level: float) -> pd.DataFrame:
+        """`price`, `price_low`, `price_high` (interval at `level`) for validated rows."""
         from pricefuse.data.catalog import parse_frame
         from pricefuse.data.images import load_image_source
         from pricefuse.members import MemberBatch
@@ -124,7 +130,8 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         batch = MemberBatch(parsed, text_emb, image_emb, mask)
         members = self.member_predictions(batch)
         log_pred = self.state.predict_log(members, meta_features(parsed, mask))
-        return to_price(log_pred)
+        low, high = self.intervals.interval(log_pred, mask, level)
+        return pd.DataFrame({"price": to_price(log_pred), "price_low": low, "price_high": high})
 
     def member_predictions(self, batch: Any) -> np.ndarray:
         """Member log predictions as columns, in the order the ensemble state expects.
@@ -148,13 +155,16 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         return np.column_stack([by_name[name] for name in self.state.members])
 
 
-def model_signature() -> Any:
+def model_signature(interval_level: float) -> Any:
     """Input: catalog_content (required); image_link, image_b64, sample_id (optional).
+    Param: `interval_level` (default `interval_level`, i.e. params' serving.interval_level).
 
-    Output: price (and the sample_id echoed when given).
+    Output: price, price_low, price_high (and the sample_id echoed when given).
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from pricefuse.models.intervals import check_level
 
     inputs = Schema(
         [
@@ -164,8 +174,9 @@ def model_signature() -> Any:
             ColSpec("long", INPUT_ID, required=False),
         ]
     )
-    outputs = Schema([ColSpec("double", "price")])
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    outputs = Schema([ColSpec("double", c) for c in ("price", "price_low", "price_high")])
+    level = ParamSchema([ParamSpec(PARAM_LEVEL, "double", check_level(interval_level))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=level)
 
 
 def input_example(test_csv: str | Path, rows: int = 3) -> pd.DataFrame:
@@ -200,7 +211,7 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
             python_model=str(Path(pricefuse.__file__).parent / "pyfunc_entry.py"),
             artifacts=artifacts,
             code_paths=[str(Path(pricefuse.__file__).parent)],
-            signature=model_signature(),
+            signature=model_signature(params.serving.interval_level),
             input_example=test_rows,
             pip_requirements=_requirements(lock) if lock.exists() else None,
             registered_model_name=registered,
