@@ -157,7 +157,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
 
 def model_signature(interval_level: float) -> Any:
     """Input: catalog_content (required); image_link, image_b64, sample_id (optional).
-    Param: `interval_level` (default `interval_level`, i.e. params' serving.interval_level).
+    Param: `interval_level`, defaulting to the argument (serving.interval_level, fixed at log time).
 
     Output: price, price_low, price_high (and the sample_id echoed when given).
     """
