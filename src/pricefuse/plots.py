@@ -106,3 +106,25 @@ def decile_lines(frame: pd.DataFrame, title: str, path: Path | str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def coverage_lines(frame: pd.DataFrame, title: str, path: Path | str) -> Path:
+    """Empirical vs nominal interval coverage: one line per column besides `nominal`, and the
+    diagonal a calibrated interval lies on (below it: intervals too narrow)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=110)
+    ax.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--", label="nominal")
+    for name in (c for c in frame.columns if c != "nominal"):
+        ax.plot(frame["nominal"], frame[name], marker="o", markersize=3, label=name)
+    ax.set_xlabel("nominal level")
+    ax.set_ylabel("empirical coverage on OOF rows")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

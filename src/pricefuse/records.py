@@ -23,7 +23,7 @@ from pricefuse import plots
 from pricefuse.layout import PLOTS_DIR
 from pricefuse.metrics import smape
 
-PlotKind = Literal["scatter", "curves", "bars", "deciles"]
+PlotKind = Literal["scatter", "curves", "bars", "deciles", "coverage"]
 # Scatter data for DVC is a fixed, seeded sample: two experiments on the same rows then show
 # the same points, and the file stays small on 75k rows. The PNG draws every row.
 SCATTER_SAMPLE = 2000
@@ -60,6 +60,8 @@ def _draw(plot: PlotData, path: Path) -> None:
         plots.learning_curves({"mean over folds": series}, path)
     elif plot.kind == "deciles":
         plots.decile_lines(frame, plot.title, path)
+    elif plot.kind == "coverage":
+        plots.coverage_lines(frame, plot.title, path)
     else:
         plots.bar_chart(frame["label"].tolist(), frame["value"].tolist(), plot.title, path)
 

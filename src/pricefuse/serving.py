@@ -9,7 +9,8 @@ training, and say so: every answer row carries `image_used` and `image_status` (
 `no_image`, or why the image was refused or failed). Image links are fetched only as the
 params snapshot's `serving` section allows (`pricefuse.data.images.guard`): requests come from
 strangers. A row that cannot be priced at all (no catalog_content) is an error naming the row,
-never a silent NaN.
+never a silent NaN. Each price comes with `price_low`/`price_high`, a split-conformal interval
+(pricefuse.models.intervals) at the request's `interval_level` (a signature param).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ INPUT_ID = "sample_id"
 # Artifact keys inside the logged model (the producers' keys are their registry names).
 ART_ENSEMBLE = "ensemble"
 ART_PARAMS = "params"
+PARAM_LEVEL = "interval_level"  # per-request param: the price interval's level
 
 
 class InvalidInputError(ValueError):
@@ -78,6 +80,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from pricefuse.features.text import TextEncoder
         from pricefuse.members import serving_producers
         from pricefuse.models.ensemble import EnsembleState
+        from pricefuse.models.intervals import ConformalCalibration
 
         raw = json.loads(Path(artifacts[ART_PARAMS]).read_text())
         self.params = params_from_dict(raw)
@@ -94,6 +97,7 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         ]
         self.state = EnsembleState.load(artifacts[ART_ENSEMBLE])
         self.image_policy = ImagePolicy.from_config(self.params.serving, self.params.fetch)
+        self.intervals = ConformalCalibration.load(artifacts[ART_ENSEMBLE])
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -101,21 +105,25 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+        from pricefuse.models.intervals import IntervalLevelError, check_level
+
         try:
             rows = validate_input(model_input)
-        except InvalidInputError as exc:
+            level = check_level((params or {}).get(PARAM_LEVEL, self.params.serving.interval_level))
+        except (InvalidInputError, IntervalLevelError) as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
         from pricefuse.data.images import image_columns, load_images
 
         outcomes = load_images(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], self.image_policy)
-        prices = self.predict_prices(rows, [outcome.image for outcome in outcomes])
-        out = pd.DataFrame({"price": prices, **image_columns(outcomes)})
+        out = self.predict_prices(rows, [outcome.image for outcome in outcomes], level)
+        out = out.assign(**image_columns(outcomes))
         if INPUT_ID in rows.columns:
             out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
         return out
 
-    def predict_prices(self, rows: pd.DataFrame, images: list[Any]) -> np.ndarray:
-        """Prices for validated rows (see `validate_input`) and their images (None: text-only)."""
+    def predict_prices(self, rows: pd.DataFrame, images: list[Any], level: float) -> pd.DataFrame:
+        """`price`, `price_low`, `price_high` (interval at `level`) for validated rows (see
+        `validate_input`) and their images (None: text-only)."""
         from pricefuse.data.catalog import parse_frame
         from pricefuse.members import MemberBatch
         from pricefuse.models.ensemble import meta_features, to_price
@@ -127,7 +135,8 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         batch = MemberBatch(parsed, text_emb, image_emb, mask)
         members = self.member_predictions(batch)
         log_pred = self.state.predict_log(members, meta_features(parsed, mask))
-        return to_price(log_pred)
+        low, high = self.intervals.interval(log_pred, mask, level)
+        return pd.DataFrame({"price": to_price(log_pred), "price_low": low, "price_high": high})
 
     def member_predictions(self, batch: Any) -> np.ndarray:
         """Member log predictions as columns, in the order the ensemble state expects.
@@ -151,13 +160,17 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         return np.column_stack([by_name[name] for name in self.state.members])
 
 
-def model_signature() -> Any:
+def model_signature(interval_level: float) -> Any:
     """Input: catalog_content (required); image_link, image_b64, sample_id (optional).
+    Param: `interval_level`, defaulting to the argument (serving.interval_level, fixed at log time).
 
-    Output: price, image_used and image_status (and the sample_id echoed when given).
+    Output: price, price_low, price_high, image_used and image_status (and the sample_id echoed
+    when given).
     """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from pricefuse.models.intervals import check_level
 
     inputs = Schema(
         [
@@ -170,11 +183,14 @@ def model_signature() -> Any:
     outputs = Schema(
         [
             ColSpec("double", "price"),
+            ColSpec("double", "price_low"),
+            ColSpec("double", "price_high"),
             ColSpec("boolean", "image_used"),
             ColSpec("string", "image_status"),
         ]
     )
-    return ModelSignature(inputs=inputs, outputs=outputs)
+    level = ParamSchema([ParamSpec(PARAM_LEVEL, "double", check_level(interval_level))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=level)
 
 
 def input_example(test_csv: str | Path, rows: int = 3) -> pd.DataFrame:
@@ -209,7 +225,7 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
             python_model=str(Path(pricefuse.__file__).parent / "pyfunc_entry.py"),
             artifacts=artifacts,
             code_paths=[str(Path(pricefuse.__file__).parent)],
-            signature=model_signature(),
+            signature=model_signature(params.serving.interval_level),
             input_example=test_rows,
             pip_requirements=_requirements(lock) if lock.exists() else None,
             registered_model_name=registered,

@@ -126,11 +126,13 @@ def test_served_output_carries_the_image_columns(server: FaultyServer) -> None:
     checks): the images it prices with and the columns it answers with."""
     model = PriceEnsembleModel()
     model.image_policy = trusted_loopback()
+    model.params = PARAMS
     priced: list[list] = []
 
-    def predict_prices(rows: pd.DataFrame, images: list) -> np.ndarray:
+    def predict_prices(rows: pd.DataFrame, images: list, level: float) -> pd.DataFrame:
         priced.append(images)
-        return np.full(len(rows), 9.5)
+        price = np.full(len(rows), 9.5)
+        return pd.DataFrame({"price": price, "price_low": price / 2, "price_high": price * 2})
 
     model.predict_prices = predict_prices  # type: ignore[method-assign]
     rows = pd.DataFrame(
@@ -145,12 +147,19 @@ def test_served_output_carries_the_image_columns(server: FaultyServer) -> None:
         }
     )
     out = model.predict(None, rows)
-    assert list(out.columns) == ["sample_id", "price", "image_used", "image_status"]
+    assert list(out.columns) == [
+        "sample_id",
+        "price",
+        "price_low",
+        "price_high",
+        "image_used",
+        "image_status",
+    ]
     assert out["image_used"].tolist() == [True, False, False]
     assert out["image_status"].tolist() == ["ok", "http_404", "local_path_refused"]
     assert [image is not None for image in priced[0]] == [True, False, False]
-    outputs = [column.name for column in model_signature().outputs.inputs]
-    assert outputs == ["price", "image_used", "image_status"]
+    outputs = [column.name for column in model_signature(0.8).outputs.inputs]
+    assert outputs == ["price", "price_low", "price_high", "image_used", "image_status"]
 
 
 # --- refused: addresses ---------------------------------------------------------------------

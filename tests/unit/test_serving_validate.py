@@ -24,6 +24,6 @@ def test_optional_columns_are_normalised():
 
 
 def test_signature_requires_only_text():
-    sig = model_signature()
+    sig = model_signature(0.8)
     required = [c.name for c in sig.inputs.inputs if c.required]
     assert required == ["catalog_content"]

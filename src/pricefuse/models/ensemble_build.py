@@ -16,6 +16,14 @@ from pricefuse.inputs import load_image_mask, load_parsed, train_targets
 from pricefuse.layout import FOLD, ID, Layout
 from pricefuse.members import UnknownMemberError, selected_members
 from pricefuse.models.ensemble import EnsembleState, fit_ensemble, meta_features, to_price
+from pricefuse.models.intervals import (
+    PLOT_LEVELS,
+    REPORT_LEVELS,
+    ConformalCalibration,
+    coverage_curve,
+    coverage_table,
+    interval_metrics,
+)
 from pricefuse.predictions import member_predictions
 from pricefuse.records import StageRecord
 
@@ -48,6 +56,11 @@ def build_ensemble(params: Params, layout: Layout) -> StageRecord:
     )
     out_dir = layout.model_dir(NAME)
     fit.state.save(out_dir)
+    # price_low/price_high of the served model: conformal on the OOF residuals (models.intervals)
+    ConformalCalibration.fit(y_log, fit.oof, train_mask).save(out_dir)
+    coverage = coverage_table(
+        y_log, fit.oof, train_mask, folds, sorted({*PLOT_LEVELS, *REPORT_LEVELS})
+    )
     # Test predictions through the saved state, exactly as the served model computes them.
     test_log = EnsembleState.load(out_dir).predict_log(test_members, meta_features(test, test_mask))
     pd.DataFrame({ID: train[ID], FOLD: folds, NAME: fit.oof}).to_parquet(
@@ -56,7 +69,7 @@ def build_ensemble(params: Params, layout: Layout) -> StageRecord:
     pd.DataFrame({ID: test[ID], NAME: test_log, "price": to_price(test_log)}).to_parquet(
         layout.test_predictions(NAME), index=False
     )
-    metrics = fit.metrics
+    metrics = {**fit.metrics, **interval_metrics(coverage)}
     per_member = {name: oof[:, i] for i, name in enumerate(members)}
     return StageRecord(
         summary=_summary(metrics, members, fit.state.method),
@@ -74,6 +87,12 @@ def build_ensemble(params: Params, layout: Layout) -> StageRecord:
                 "members",
                 *_member_bars(metrics, members, cfg.stackers),
                 "OOF SMAPE (%), lower is better",
+            ),
+            records.PlotData(
+                "interval_coverage",
+                "coverage",
+                coverage_curve(coverage),
+                "price intervals: empirical vs nominal coverage (OOF rows)",
             ),
         ],
         meta={out_dir: {"method": fit.state.method, "smape_oof": metrics["smape_oof"]}},
@@ -108,4 +127,9 @@ def _summary(metrics: dict[str, float], members: list[str], method: str) -> str:
     for label, key in others.items():
         lines.append(f"  {label:<18} {metrics[key]:7.3f}")
     lines.append(f"  {'ensemble (' + method + ')':<18} {metrics['smape_oof']:7.3f}")
+    lines.append(
+        f"80% price interval: covers {100 * metrics['interval_coverage_cv_80']:.1f}% of OOF rows "
+        f"(calibrated on the other folds; {100 * metrics['interval_coverage_80']:.1f}% in "
+        f"sample), mean width {metrics['interval_width_pct_80']:.0f}% of the price"
+    )
     return "\n".join(lines)
