@@ -400,7 +400,10 @@ def read_labelled_rows(path: Path) -> pd.DataFrame:
     """A labelled CSV for `promote --rows`: the served model's inputs and a finite `price`."""
     from pricefuse.serving import INPUT_TEXT
 
-    rows = pd.read_csv(path)
+    try:
+        rows = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise PromotionError(f"{path}: not a readable CSV ({exc})") from exc
     missing = [c for c in (INPUT_TEXT, PRICE) if c not in rows.columns]
     if missing:
         raise PromotionError(f"{path}: missing column(s) {', '.join(missing)}")
