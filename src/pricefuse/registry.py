@@ -71,6 +71,10 @@ Scorer = Callable[[str, str | None], Comparison | str]
 
 @dataclass(frozen=True)
 class PromotionDecision:
+    """What the gate decided for one candidate version, and the evidence: written on the version
+    (tags, description), on the run (metrics, tags) and in meta.json, so "why is v7 not
+    serving?" is answered where people look."""
+
     model: str
     alias: str
     candidate: str
