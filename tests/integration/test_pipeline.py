@@ -41,6 +41,10 @@ TINY = {
     # demo image links are paths on this disk: let the served model read them, so its answers
     # can be compared with the submission (which used the same images)
     "serving": {"allow_local_images": True},
+    # Every version passes the promotion gate (SMAPE is at most 200), so @champion (predict's
+    # default) is always the ensemble that wrote the current submission; the gate's refusals
+    # are tested in tests/unit/test_registry.py.
+    "mlflow": {"promotion_tolerance": 200.0},
 }
 
 
@@ -77,6 +81,17 @@ def _mlflow_runs(root: Path) -> list[dict]:
     return runs
 
 
+def _champion(root: Path) -> str | None:
+    """The version of price-ensemble holding the alias `champion` in the project's store."""
+    con = sqlite3.connect(root / "mlflow.db")
+    found = con.execute(
+        "select version from registered_model_aliases where name=? and alias=?",
+        ("price-ensemble", "champion"),
+    ).fetchone()
+    con.close()
+    return None if found is None else str(found[0])
+
+
 def test_dvc_repro_runs_every_stage(project: Path):
     started = time.perf_counter()
     result = run_cmd(["dvc", "repro"], project, timeout=1500)
@@ -105,6 +120,10 @@ def test_dvc_repro_runs_every_stage(project: Path):
     assert by_stage["ensemble"]["tags"]["upstream.train_text"] == by_stage["train_text"]["id"]
     assert "smape_fold_0" in by_stage["train_text"]["metrics"]
     assert "smape_oof_blend" in ensemble and "smape_oof_stack_ridge" in ensemble
+    # the first registered version became @champion, scored by the gate on its OOF rows
+    assert by_stage["ensemble"]["tags"]["promotion.outcome"] == "first champion"
+    assert ensemble["promotion/smape_candidate"] == pytest.approx(ensemble["smape_oof"])
+    assert _champion(project) == "1"
     ablation = json.loads((project / "metrics/ablation.json").read_text())
     assert {"blend_without/knn", "fusion_head/text_only", "member_alone/linear"} <= set(ablation)
     assert set(by_stage["ablation"]["metrics"]) >= {"blend_without/knn", "fusion_head/all"}
@@ -304,10 +323,12 @@ def test_main_entry_point_runs_changed_stages_as_child_runs(project: Path):
 def test_predict_command_matches_the_submission(project: Path):
     test = pd.read_csv(project / "data/raw/demo/test.csv")
     out = project / "predicted.csv"
-    run_cmd(
+    result = run_cmd(
         ["pricefuse", "predict", "--input", "data/raw/demo/test.csv", "--output", str(out)],
         project,
     )
+    # its default model is models:/price-ensemble@champion, which followed every new version
+    assert "note:" not in result.stderr and int(_champion(project)) > 1
     predicted = pd.read_csv(out)
     assert predicted["sample_id"].tolist() == test["sample_id"].tolist()
     submission = pd.read_csv(project / "data/submissions/submission.csv").set_index("sample_id")

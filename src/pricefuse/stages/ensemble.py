@@ -1,6 +1,7 @@
 """Stage `ensemble`: combine the members named in `ensemble.members` (blend or stacker, whichever
 scores better out of fold: pricefuse.models.ensemble_build), then log the full inference path as
-a pyfunc model and register it (pricefuse.serving)."""
+a pyfunc model and register it (pricefuse.serving); the new version takes the champion alias only
+if it is not worse than the holder out of fold (pricefuse.registry)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pricefuse.config import Params
 from pricefuse.layout import Layout
 from pricefuse.members import serving_producers
 from pricefuse.models.ensemble_build import NAME, build_ensemble
+from pricefuse.registry import gate_ensemble_run
 from pricefuse.serving import input_example, log_price_model
 
 STAGE = "ensemble"
@@ -22,4 +24,5 @@ def run(params: Params) -> None:
         result = build_ensemble(params, layout)
         info = log_price_model(params, layout, test_rows=input_example(params.data.test_csv))
         result.meta[layout.model_dir(NAME)].update(info)
+        gate_ensemble_run(params, layout, info, result)
         tracking.record(run, STAGE, result)
