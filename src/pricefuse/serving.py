@@ -38,6 +38,7 @@ class InvalidInputError(ValueError):
 _SHOWN_ROWS = 10  # row indexes listed in an error message; the count says how many there are
 _INT64 = np.iinfo(np.int64)
 _ID_TEXT = re.compile(r"[-+]?[0-9]{1,19}")
+_NULL_MARKERS = frozenset({"", "nan", "none", "null"})
 
 
 def _refuse(column: str, rows: list[int], problem: str) -> None:
@@ -48,6 +49,13 @@ def _refuse(column: str, rows: list[int], problem: str) -> None:
         raise InvalidInputError(
             f"{len(rows)} row(s) have {problem} {column!r} (row index {shown}{more})"
         )
+
+
+def _blank_or_null_marker(text: str) -> bool:
+    """Empty, whitespace, or a missing value turned into text. MLflow's `inputs`/`instances`
+    request formats stringify every cell of a string column: JSON null arrives as "None" and NaN
+    as "nan", which would otherwise be priced as a product called "None"."""
+    return text.strip().lower() in _NULL_MARKERS
 
 
 def _is_null(value: object) -> bool:
@@ -82,7 +90,8 @@ def validate_input(frame: object, max_text_chars: int) -> pd.DataFrame:
     `max_text_chars` characters, `image_link`/`image_b64` as a string or None (blank -> None),
     and `sample_id`, when given, as int64. Why refuse rather than repair: a row priced from a
     guess is a silent wrong answer; a 400 that names the row and the column is not. The text
-    itself is never refused for what it says: parsing gives documented defaults (data.catalog).
+    itself is never refused for what it says (only for being empty or a stringified null):
+    parsing gives documented defaults (data.catalog).
     """
     if not isinstance(frame, pd.DataFrame):
         raise InvalidInputError(f"expected a DataFrame of product rows, got {type(frame).__name__}")
@@ -101,8 +110,8 @@ def validate_input(frame: object, max_text_chars: int) -> pd.DataFrame:
     text = out[INPUT_TEXT].tolist()
     _refuse(
         INPUT_TEXT,
-        [i for i, v in enumerate(text) if not isinstance(v, str) or not v.strip()],
-        "an empty or non-text",
+        [i for i, v in enumerate(text) if not isinstance(v, str) or _blank_or_null_marker(v)],
+        "an empty, null ('nan', 'None', 'null') or non-text",
     )
     _refuse(
         INPUT_TEXT,
@@ -228,16 +237,19 @@ def model_signature() -> Any:
     """Input: catalog_content (required); image_link, image_b64, sample_id (optional).
 
     Output: price (and the sample_id echoed when given).
+    sample_id is declared `any` and checked by `validate_input`: MLflow's `long` enforcement
+    truncates 1.5 to 1 without a word, so a client's bad id would come back as another id.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
 
     inputs = Schema(
         [
             ColSpec("string", INPUT_TEXT),
             ColSpec("string", INPUT_IMAGE_LINK, required=False),
             ColSpec("string", INPUT_IMAGE_B64, required=False),
-            ColSpec("long", INPUT_ID, required=False),
+            ColSpec(AnyType(), INPUT_ID, required=False),
         ]
     )
     outputs = Schema([ColSpec("double", "price")])

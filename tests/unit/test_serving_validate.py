@@ -18,6 +18,14 @@ def test_bad_rows_are_listed():
         validate_input(frame, MAX_TEXT_CHARS)
 
 
+@pytest.mark.parametrize("marker", ["nan", "None", " NULL "])
+def test_stringified_nulls_are_refused_like_missing_text(marker: str):
+    """MLflow's `inputs` format turns JSON null into "None" and NaN into "nan"."""
+    frame = pd.DataFrame({"catalog_content": ["Item Name: nan bread", marker]})
+    with pytest.raises(InvalidInputError, match=r"1 row\(s\) .*null.*\(row index 1\)"):
+        validate_input(frame, MAX_TEXT_CHARS)
+
+
 def test_optional_columns_are_normalised():
     out = validate_input(
         pd.DataFrame({"catalog_content": ["Item Name: a"], "image_link": [float("nan")]}),
@@ -51,3 +59,13 @@ def test_signature_requires_only_text():
     sig = model_signature()
     required = [c.name for c in sig.inputs.inputs if c.required]
     assert required == ["catalog_content"]
+
+
+def test_signature_leaves_sample_id_to_validate_input():
+    """MLflow's own `long` enforcement turns 1.5 into 1; validate_input refuses it instead."""
+    from mlflow.models.utils import _enforce_schema
+
+    frame = pd.DataFrame({"catalog_content": ["a"], "sample_id": [1.5]})
+    enforced = _enforce_schema(frame, model_signature().inputs)
+    with pytest.raises(InvalidInputError, match="non-integer 'sample_id'"):
+        validate_input(enforced, MAX_TEXT_CHARS)
