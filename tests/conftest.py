@@ -10,8 +10,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import pytest
+from hypothesis import settings
 
 from tests.support import copy_project
+
+# Property-based tests run the same examples on every machine (a CI failure reproduces locally)
+# and keep no example database: tests write nothing into the checkout.
+settings.register_profile("pricefuse", derandomize=True, database=None, deadline=None)
+settings.load_profile("pricefuse")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "amazon2025"

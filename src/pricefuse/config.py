@@ -238,6 +238,8 @@ class ServingConfig:
     allow_local_images: bool
     trusted_networks: tuple[str, ...]
     interval_level: float
+    # longest catalog_content a request may send: bounds tokenizer and parser time per row
+    max_text_chars: int
 
 
 @dataclass(frozen=True)

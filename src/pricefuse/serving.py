@@ -16,6 +16,8 @@ never a silent NaN. Each price comes with `price_low`/`price_high`, a split-conf
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -38,29 +40,104 @@ class InvalidInputError(ValueError):
     """Input rows the model cannot price; the message names the rows and the problem."""
 
 
-def validate_input(frame: pd.DataFrame) -> pd.DataFrame:
-    """Check the serving input and return a normalised copy (strings, no NaN in text)."""
+_SHOWN_ROWS = 10  # row indexes listed in an error message; the count says how many there are
+_INT64 = np.iinfo(np.int64)
+_ID_TEXT = re.compile(r"[-+]?[0-9]{1,19}")
+_NULL_MARKERS = frozenset({"", "nan", "none", "null"})
+
+
+def _refuse(column: str, rows: list[int], problem: str) -> None:
+    """Raise InvalidInputError for `rows` of `column` (when there are any)."""
+    if rows:
+        shown = ", ".join(str(i) for i in rows[:_SHOWN_ROWS])
+        more = ", ..." if len(rows) > _SHOWN_ROWS else ""
+        raise InvalidInputError(
+            f"{len(rows)} row(s) have {problem} {column!r} (row index {shown}{more})"
+        )
+
+
+def _blank_or_null_marker(text: str) -> bool:
+    """Empty, whitespace, or a missing value turned into text. MLflow's `inputs`/`instances`
+    request formats stringify every cell of a string column: JSON null arrives as "None" and NaN
+    as "nan", which would otherwise be priced as a product called "None"."""
+    return text.strip().lower() in _NULL_MARKERS
+
+
+def _is_null(value: object) -> bool:
+    """None, NaN or pandas' missing markers: how JSON null and absent CSV cells arrive."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return True
+    return isinstance(value, float | np.floating) and bool(np.isnan(value))
+
+
+def _as_id(value: object) -> int | None:
+    """An int64 sample id from an int, an integral float (CSV columns with gaps are float) or a
+    string of digits; None for anything else (bools, fractions, NaN, text, out of int64)."""
+    if isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, int | np.integer):
+        number = int(value)
+    elif isinstance(value, float | np.floating):
+        if not np.isfinite(value) or not float(value).is_integer():
+            return None
+        number = int(value)
+    elif isinstance(value, str) and _ID_TEXT.fullmatch(value.strip()):
+        number = int(value.strip())
+    else:
+        return None
+    return number if _INT64.min <= number <= _INT64.max else None
+
+
+def validate_input(frame: object, max_text_chars: int) -> pd.DataFrame:
+    """Check the serving input and return a normalised copy, or raise InvalidInputError.
+
+    The copy has a fresh 0..n-1 index, `catalog_content` as non-blank strings of at most
+    `max_text_chars` characters, `image_link`/`image_b64` as a string or None (blank -> None),
+    and `sample_id`, when given, as int64. Why refuse rather than repair: a row priced from a
+    guess is a silent wrong answer; a 400 that names the row and the column is not. The text
+    itself is never refused for what it says (only for being empty or a stringified null):
+    parsing gives documented defaults (data.catalog).
+    """
     if not isinstance(frame, pd.DataFrame):
         raise InvalidInputError(f"expected a DataFrame of product rows, got {type(frame).__name__}")
-    if INPUT_TEXT not in frame.columns:
-        raise InvalidInputError(
-            f"missing required column {INPUT_TEXT!r}; got columns {list(frame.columns)}"
-        )
+    if isinstance(frame.columns, pd.MultiIndex):
+        raise InvalidInputError("expected flat column names, got nested (MultiIndex) columns")
+    names = [str(c) for c in frame.columns]
+    repeated = sorted(n for n, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise InvalidInputError(f"column(s) {repeated} appear more than once")
+    if INPUT_TEXT not in names:
+        raise InvalidInputError(f"missing required column {INPUT_TEXT!r}; got columns {names}")
     if frame.empty:
         raise InvalidInputError("no rows to price")
-    out = frame.reset_index(drop=True).copy()
-    text = out[INPUT_TEXT]
-    bad = [i for i, value in enumerate(text) if not isinstance(value, str) or not value.strip()]
-    if bad:
-        shown = ", ".join(str(i) for i in bad[:10])
-        raise InvalidInputError(
-            f"{len(bad)} row(s) have an empty or non-text {INPUT_TEXT!r} (row index {shown})"
-        )
+    out = frame.reset_index(drop=True)
+    out.columns = names
+    text = out[INPUT_TEXT].tolist()
+    _refuse(
+        INPUT_TEXT,
+        [i for i, v in enumerate(text) if not isinstance(v, str) or _blank_or_null_marker(v)],
+        "an empty, null ('nan', 'None', 'null') or non-text",
+    )
+    _refuse(
+        INPUT_TEXT,
+        [i for i, v in enumerate(text) if len(v) > max_text_chars],
+        f"more than {max_text_chars} characters (serving.max_text_chars) in",
+    )
+    out[INPUT_TEXT] = pd.Series(text, dtype=object)
     for column in (INPUT_IMAGE_LINK, INPUT_IMAGE_B64):
-        if column in out.columns:
-            out[column] = [v if isinstance(v, str) and v.strip() else None for v in out[column]]
-        else:
-            out[column] = None
+        values = out[column].tolist() if column in names else [None] * len(out)
+        _refuse(
+            column,
+            [i for i, v in enumerate(values) if not _is_null(v) and not isinstance(v, str)],
+            "a value that is neither text nor null in",
+        )
+        out[column] = pd.Series(
+            [v if isinstance(v, str) and v.strip() else None for v in values], dtype=object
+        )
+    if INPUT_ID in names:
+        ids = [_as_id(v) for v in out[INPUT_ID].tolist()]
+        _refuse(INPUT_ID, [i for i, v in enumerate(ids) if v is None], "a non-integer")
+        out[INPUT_ID] = np.array(ids, dtype=np.int64)
     return out
 
 
@@ -103,12 +180,12 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
         from pricefuse.models.intervals import IntervalLevelError, check_level
 
         try:
-            rows = validate_input(model_input)
+            rows = validate_input(model_input, self.params.serving.max_text_chars)
             level = check_level((params or {}).get(PARAM_LEVEL, self.params.serving.interval_level))
         except (InvalidInputError, IntervalLevelError) as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
@@ -116,6 +193,14 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
 
         outcomes = load_images(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], self.image_policy)
         out = self.predict_prices(rows, [outcome.image for outcome in outcomes], level)
+        unpriced = np.flatnonzero(~np.isfinite(out["price"].to_numpy())).tolist()
+        if unpriced:  # parsing bounds every feature, so this is a model fault, not the request's
+            shown = ", ".join(map(str, unpriced[:_SHOWN_ROWS]))
+            raise MlflowException(
+                f"the model produced no finite price for {len(unpriced)} row(s) (row index "
+                f"{shown}); please report these rows",
+                error_code=INTERNAL_ERROR,
+            )
         out = out.assign(**image_columns(outcomes))
         if INPUT_ID in rows.columns:
             out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
@@ -166,9 +251,12 @@ def model_signature(interval_level: float) -> Any:
 
     Output: price, price_low, price_high, image_used and image_status (and the sample_id echoed
     when given).
+    sample_id is declared `any` and checked by `validate_input`: MLflow's `long` enforcement
+    truncates 1.5 to 1 without a word, so a client's bad id would come back as another id.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
 
     from pricefuse.models.intervals import check_level
 
@@ -177,7 +265,7 @@ def model_signature(interval_level: float) -> Any:
             ColSpec("string", INPUT_TEXT),
             ColSpec("string", INPUT_IMAGE_LINK, required=False),
             ColSpec("string", INPUT_IMAGE_B64, required=False),
-            ColSpec("long", INPUT_ID, required=False),
+            ColSpec(AnyType(), INPUT_ID, required=False),
         ]
     )
     outputs = Schema(

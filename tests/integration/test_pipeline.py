@@ -7,6 +7,7 @@ state the previous one left), because a full repro is the expensive part.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import subprocess
@@ -14,7 +15,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -120,6 +123,7 @@ def test_dvc_repro_runs_every_stage(project: Path):
     assert by_stage["ensemble"]["tags"]["upstream.train_text"] == by_stage["train_text"]["id"]
     assert "smape_fold_0" in by_stage["train_text"]["metrics"]
     assert "smape_oof_blend" in ensemble and "smape_oof_stack_ridge" in ensemble
+    assert 0.5 < ensemble["interval_coverage_cv_80"] < 1.0  # cross-fitted conformal coverage
     # the first registered version became @champion, scored by the gate on its OOF rows
     assert by_stage["ensemble"]["tags"]["promotion.outcome"] == "first champion"
     assert ensemble["promotion/smape_candidate"] == pytest.approx(ensemble["smape_oof"])
@@ -153,76 +157,185 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _post(port: int, frame: pd.DataFrame) -> tuple[int, dict]:
-    body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+# the README's command: the version holding the alias. After the first repro that is version 1,
+# the ensemble that wrote the first submission (test_dvc_repro_runs_every_stage checks it)
+SERVED_MODEL = "models:/price-ensemble@champion"
 
 
-def test_served_model_answers_and_matches_submission(project: Path):
+@pytest.fixture(scope="module")
+def served(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`mlflow models serve` of SERVED_MODEL in the project; yields its base URL.
+
+    Started once for the module (the first test asking for it runs after the repro that
+    registers the model) and stopped at teardown, so each test posts to the same live server.
+    Its output goes to a file, not a pipe nobody reads: a full pipe would block the server.
+    """
     port = _free_port()
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    server = subprocess.Popen(
-        [
-            mlflow_bin,
-            "models",
-            "serve",
-            "-m",
-            "models:/price-ensemble/1",
-            "--env-manager",
-            "local",
-            "-p",
-            str(port),
-            "-h",
-            "127.0.0.1",
-        ],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={k: v for k, v in __import__("os").environ.items() if k != "MLFLOW_TRACKING_URI"},
-    )
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", SERVED_MODEL]
+    command += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            command,
+            cwd=project,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
+        )
+    base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if server.poll() is not None:
-                raise AssertionError(f"server exited: {server.stdout.read()[-4000:]}")
+                raise AssertionError(f"server exited: {log_path.read_text()[-4000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                with urllib.request.urlopen(f"{base}/ping", timeout=2):
                     break
             except OSError:
                 time.sleep(1)
         else:
             raise AssertionError("server did not come up in 240 s")
-
-        test = pd.read_csv(project / "data/raw/demo/test.csv").head(12)
-        rows = test[["sample_id", "catalog_content", "image_link"]].fillna("")
-        status, body = _post(port, rows)
-        assert status == 200, body
-        served = pd.DataFrame(body["predictions"])
-        assert list(served["sample_id"]) == list(rows["sample_id"])
-        # version 1 is the ensemble that wrote the current submission (first repro)
-        submission = pd.read_csv(project / "data/submissions/submission.csv").set_index("sample_id")
-        expected = submission.loc[rows["sample_id"], "price"].to_numpy()
-        assert served["price"].to_numpy() == pytest.approx(expected, rel=1e-3)
-
-        status, body = _post(port, pd.DataFrame({"catalog_content": ["Item Name: x", ""]}))
-        assert status == 400
-        assert "catalog_content" in json.dumps(body)
+        yield base
     finally:
         server.terminate()
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def _post_bytes(
+    base: str, body: bytes, content_type: str = "application/json"
+) -> tuple[int, str, str]:
+    """(status, response content type, response text) of one POST to /invocations."""
+    request = urllib.request.Request(
+        f"{base}/invocations", data=body, headers={"Content-Type": content_type}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read().decode()
+
+
+def _post(base: str, frame: pd.DataFrame) -> tuple[int, dict]:
+    body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
+    status, _, text = _post_bytes(base, body)
+    return status, json.loads(text or "{}")
+
+
+def test_served_model_answers_and_matches_submission(project: Path, served: str):
+    test = pd.read_csv(project / "data/raw/demo/test.csv").head(12)
+    rows = test[["sample_id", "catalog_content", "image_link"]].fillna("")
+    status, body = _post(served, rows)
+    assert status == 200, body
+    predicted = pd.DataFrame(body["predictions"])
+    assert list(predicted["sample_id"]) == list(rows["sample_id"])
+    # version 1 is the ensemble that wrote the current submission (first repro)
+    submission = pd.read_csv(project / "data/submissions/submission.csv").set_index("sample_id")
+    expected = submission.loc[rows["sample_id"], "price"].to_numpy()
+    assert predicted["price"].to_numpy() == pytest.approx(expected, rel=1e-3)
+    # every row says whether its image was used (TINY allows the demo's local image paths)
+    assert (predicted["image_used"] == (predicted["image_status"] == "ok")).all()
+    assert predicted["image_used"].any()
+    assert (predicted.loc[rows["image_link"] == "", "image_status"] == "no_image").all()
+    # the interval holds the price and widens with the per-request level
+    low, price, high = (predicted[c].to_numpy() for c in ("price_low", "price", "price_high"))
+    assert ((low > 0) & (low <= price) & (price <= high)).all()
+    split = rows.to_dict(orient="split")
+    wide_body = {"dataframe_split": split, "params": {"interval_level": 0.95}}
+    status, text = _post_bytes(served, json.dumps(wide_body).encode())[::2]
+    assert status == 200, text
+    wide = pd.DataFrame(json.loads(text)["predictions"])
+    assert (wide["price"].to_numpy() == price).all()
+    assert (wide["price_high"] - wide["price_low"] >= high - low).all()
+    bad_body = {"dataframe_split": split, "params": {"interval_level": 1.5}}
+    status, text = _post_bytes(served, json.dumps(bad_body).encode())[::2]
+    assert status == 400 and "interval_level" in text, text
+
+
+GOOD_ROW = "Item Name: Acme Green Tea, 20 Bags (Pack of 2)\nValue: 20\nUnit: Count\n"
+
+
+def _split(columns: list[str], *rows: list) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": columns, "data": list(rows)}}).encode()
+
+
+JSON = "application/json"
+
+
+def _case(problem: str, body: bytes, named: str, status: int = 400, media: str = JSON) -> Any:
+    """One malformed request: its body and content type, the status and the words expected."""
+    return pytest.param(body, media, status, named, id=problem)
+
+
+TEXT_ID = '{"dataframe_split": {"columns": ["sample_id", "catalog_content"], "data": [[%s, "x"]]}}'
+NON_TEXT = "non-text 'catalog_content'"
+NON_INTEGER_ID = "non-integer 'sample_id'"
+MALFORMED = [
+    _case("not JSON", b"{not json", "valid JSON"),
+    _case("empty body", b"", "valid JSON"),
+    _case("no dataframe key", b'{"rows": [[1]]}', "dataframe_split"),
+    _case("a JSON list", b"[1, 2]", "JSON dictionary"),
+    _case("ragged rows", _split(["catalog_content"], ["a", "b"]), "split"),
+    _case("no catalog_content", _split(["image_link"], ["x"]), "catalog_content"),
+    _case("a number as text", _split(["catalog_content"], [5]), NON_TEXT),
+    _case("null text", _split(["catalog_content"], [None]), NON_TEXT),
+    _case("empty text", _split(["catalog_content"], [""]), NON_TEXT),
+    _case("NaN text", b'{"inputs": {"catalog_content": [NaN]}}', NON_TEXT),
+    _case("null in inputs", b'{"inputs": {"catalog_content": [null]}}', NON_TEXT),
+    _case("Infinity id", (TEXT_ID % "Infinity").encode(), NON_INTEGER_ID),
+    _case("text id", (TEXT_ID % '"abc"').encode(), NON_INTEGER_ID),
+    _case("fractional id", (TEXT_ID % "1.5").encode(), NON_INTEGER_ID),
+    _case("number as link", _split(["catalog_content", "image_link"], ["x", 5]), "'image_link'"),
+    _case("1 MB text", _split(["catalog_content"], ["x" * 1_000_000]), "serving.max_text_chars"),
+    _case("lone surrogate", b'{"inputs": {"catalog_content": ["\\ud800"]}}', "surrogates"),
+    _case("invalid UTF-8", b'{"inputs": {"catalog_content": ["\xff"]}}', "utf-8"),
+    _case("plain-text body", b"Item Name: tea", "content types", 415, "text/plain"),
+]
+
+
+@pytest.mark.parametrize(("body", "media", "status", "named"), MALFORMED)
+def test_served_model_refuses_malformed_bodies_with_the_problem_named(
+    served: str, body: bytes, media: str, status: int, named: str
+):
+    answered, answer_media, text = _post_bytes(served, body, media)
+    assert answered == status, text[:2000]
+    if answer_media.startswith(JSON):  # MLflow answers 415 in plain text
+        error = json.loads(text)
+        assert error["error_code"] in {"BAD_REQUEST", "INVALID_PARAMETER_VALUE"}
+        text = error["message"]
+    assert named in text, text[:2000]
+    # the server is still up and prices a good row
+    status, good = _post(served, pd.DataFrame({"sample_id": [7], "catalog_content": [GOOD_ROW]}))
+    assert status == 200 and good["predictions"][0]["sample_id"] == 7, good
+
+
+def test_served_model_prices_extreme_and_garbled_values_by_the_parsing_defaults(served: str):
+    """A Value of 1e308 used to stop XGBoost on an infinite float32 feature (a generic 'unexpected
+    error'); now it is out of range, so it is priced exactly like a row without a Value line."""
+    head = "Item Name: Acme Coffee Beans {}\nBullet Point 1: dark roast\n"
+    rows = pd.DataFrame(
+        {
+            "sample_id": ["11", 12, 13, 14, 15, 16],  # "11": digits as text are an integer id
+            "catalog_content": [
+                head.format("") + "Value: 1e308\nUnit: Pound\n",
+                head.format("") + "Unit: Pound\n",  # no Value line: the documented default
+                head.format("(Pack of 1e9)") + "Value: 12..5\nUnit: \x00\x07ounce\n",
+                head.format("9" * 400) + "Value: -3\nUnit: Pack\n",
+                head.format("\u0661\u0662") + "Value: nan\nUnit: inf\n",
+                "\n\n   \t\n" + head.format("x") + "Value: 1e-320\nUnit: gallon\n",
+            ],
+            "colour": ["red"] * 6,  # unknown columns are ignored
+        }
+    )
+    status, body = _post(served, rows)
+    assert status == 200, body
+    predicted = pd.DataFrame(body["predictions"])
+    assert predicted["sample_id"].tolist() == [11, 12, 13, 14, 15, 16]
+    prices = predicted["price"].to_numpy()
+    assert ((prices > 0) & (prices < 1e6)).all(), prices
+    assert prices[0] == pytest.approx(prices[1], rel=1e-9)
 
 
 def test_ensemble_param_reruns_only_ensemble_and_submit(project: Path):

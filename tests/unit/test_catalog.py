@@ -1,12 +1,15 @@
 import math
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from pricefuse.data.catalog import (
+    PACK_MAX,
     PARSED_COLUMNS,
     VALUE_DEFAULT,
+    VALUE_MAX,
     CatalogFields,
     format_catalog,
     parse_catalog,
@@ -66,6 +69,22 @@ def test_keys_are_case_and_space_tolerant() -> None:
         ("Value: abc", None),
         ("Value: -3", None),
         ("Value: inf", None),
+        ("Value: 5each", 5.0),  # "e" starts a word, not an exponent
+        ("Value: 1.5e3", 1500.0),
+        ("Value: 1e-320", 1e-320),  # tiny but finite and in range
+        (f"Value: {VALUE_MAX:g}", VALUE_MAX),
+        # garbled: no guess at what was meant
+        ("Value: 12..5", None),
+        ("Value: 1.2.3", None),
+        ("Value: 5e", None),
+        ("Value: 5e+ oz", None),
+        ("Value: \u0661\u0662", None),  # Arabic-Indic digits
+        ("Value: 1\u0662", None),
+        # out of range: would overflow float32 features downstream
+        ("Value: 1e308", None),
+        (f"Value: {VALUE_MAX * 1.001:g}", None),
+        ("Value: " + "9" * 400, None),
+        ("Value: -0.5", None),
     ],
 )
 def test_value_parsing(value_line: str, expected: float | None) -> None:
@@ -120,6 +139,11 @@ def test_line_after_value_is_not_a_number() -> None:
         ("Pi Kosher Salt 40 oz (1 Pack)", 1),
         ("Chi Electrolyte Mix, 12-Packet Box (Pack of 30)", 30),
         ("Weird (Pack of 0)", 1),
+        ("Huge Pack of 1e9", 1),
+        ("Negative Pack of -3", 1),
+        (f"Too many Pack of {PACK_MAX + 1}", 1),
+        (f"Just enough Pack of {PACK_MAX}", PACK_MAX),
+        ("Pack of \u0661\u0662", 1),  # only ASCII digits count
         ("Plain Name", 1),
         ("", 1),
     ],
@@ -195,6 +219,33 @@ def test_parse_frame_counts_malformed_value() -> None:
     out, report = parse_frame(raw)
     assert report.counts["value_malformed"] == 1
     assert out["value_missing"].tolist() == [1]
+
+
+def test_parse_frame_tells_garbled_from_out_of_range_values() -> None:
+    raw = pd.DataFrame(
+        {"catalog_content": [f"Item Name: A\nValue: {v}\nUnit: lb\n" for v in ("12..5", "1e308")]}
+    )
+    out, report = parse_frame(raw)
+    assert (report.counts["value_malformed"], report.counts["value_out_of_range"]) == (1, 1)
+    assert out["value"].tolist() == [VALUE_DEFAULT, VALUE_DEFAULT]
+    assert out["value_missing"].tolist() == [1, 1]
+    assert np.isfinite(out[["quantity", "log_quantity"]].to_numpy(np.float32)).all()
+
+
+def test_huge_hostile_text_parses_in_linear_time() -> None:
+    """A long run of spaces after a digit made the pack pattern backtrack quadratically (16k
+    spaces took 1.5 s, a 1 MB request would have held a worker for hours)."""
+    name = "Item Name: 1" + " " * 200_000 + "z\n" + "Value: " + "1" * 100_000
+    started = time.perf_counter()
+    fields = parse_catalog(name)
+    assert parse_pack(fields.item_name) == 1 and fields.value is None
+    assert time.perf_counter() - started < 2.0
+
+
+def test_lone_surrogates_become_encodable() -> None:
+    fields = parse_catalog("Item Name: tea \ud800 bags\nValue: 3\n")
+    assert fields.item_name == "tea ? bags" and fields.value == 3.0
+    fields.text.encode("utf-8")
 
 
 def test_parse_frame_replaces_stale_parsed_columns() -> None:

@@ -191,3 +191,13 @@ def test_neighbour_and_stacked_member_columns_are_taken_as_they_are() -> None:
     np.testing.assert_allclose(column(featurizer, values, "member_linear"), frame["member_linear"])
     lacking = featurizer.transform(frame.drop(columns=["member_linear"]), emb).values
     assert np.isnan(column(featurizer, lacking, "member_linear")).all()
+
+
+def test_a_number_too_long_for_a_float_is_counted_but_not_the_largest() -> None:
+    frame = parsed_frame(2)
+    frame["item_name"] = ["Code " + "9" * 400 + " tea 12 oz", "9" * 400]
+    features = parsed_features(frame)
+    assert features["name_n_numbers"].tolist() == [2.0, 1.0]
+    assert features.loc[0, "name_log_max_number"] == pytest.approx(np.log1p(12.0))
+    assert np.isnan(features.loc[1, "name_log_max_number"])  # missing, as with no number
+    assert not np.isinf(features.to_numpy(np.float32)).any()

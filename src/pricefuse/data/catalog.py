@@ -6,6 +6,26 @@ Why a hand parser: the competition packs every product attribute into one text b
 kind of product, so they are pulled out into typed columns. The same function runs in preprocess
 and in the served model, so it must never raise: anything missing or malformed gets a default
 and is counted in a `ParseReport`, which makes data-quality drift visible in MLflow.
+
+Documented defaults (the served model relies on them: a row is priced, never refused, for what
+its text says). Each is counted in the `ParseReport` under the name in brackets:
+
+- no `Value:` line, or `nan`/`none`/`null`/`n/a`/empty -> value 1.0, `value_missing` 1
+  [value_missing];
+- Value not a number (`abc`, `12..5`, `1.2.3`, `5e`, digits of another script such as `١٢`)
+  -> value 1.0, `value_missing` 1 [value_malformed];
+- Value negative, NaN, infinite or above `VALUE_MAX` (`1e308`, 400 digits) -> value 1.0,
+  `value_missing` 1 [value_out_of_range];
+- Unit line missing / `None` / an unknown spelling -> unit `none` / `none` / `other`
+  [unit_missing / unit_none / unit_unrecognised];
+- a pack count outside [1, `PACK_MAX`] (`Pack of 0`, `Pack of -3`, `Pack of 1e9`) -> pack 1;
+- text that is not a string, empty or only whitespace -> empty fields and the defaults above
+  [empty_text];
+- lone surrogates (what JSON's `\\ud800` escapes decode to) -> `?`.
+
+Only ASCII digits count in Value and pack numbers, and every pattern runs in time linear in the
+text, so a huge or hostile string costs its length, nothing more. With Value bounded, `quantity`
+(at most `VALUE_MAX` gallons in millilitres) and every log feature stay finite in float32.
 """
 
 from __future__ import annotations
@@ -21,6 +41,9 @@ import pandas as pd
 from pricefuse.data.units import canonical_quantities, normalize_unit
 
 VALUE_DEFAULT = 1.0  # used when Value is missing: "one of whatever the unit is"
+# Largest Value taken as a quantity. The real rows stay below 5e4; anything past 1e7 is a product
+# code or a typo, and keeping it would overflow float32 features (1e308 -> inf) downstream.
+VALUE_MAX = 1e7
 
 PARSED_COLUMNS = (
     "item_name",
@@ -44,16 +67,20 @@ _KEY_LINE = re.compile(
     r"^\s*(item name|bullet point(?:\s*\d+)?|product description|value|unit)\s*:[ \t]?(.*)$",
     re.IGNORECASE,
 )
-_NUMBER = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?", re.IGNORECASE)
+_NUMBER = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:e[-+]?[0-9]+)?", re.IGNORECASE)
+# What may not directly follow a number (matched at the number's end) for it to count: a further
+# point or digit ("12..5", "1.2.3", "1٢"), or a dangling exponent ("5e", "5e+").
+_GARBLED_TAIL = re.compile(r"(?:[.\d]|e[-+]?(?:\s|$))", re.IGNORECASE)
 _NULL_TOKENS = frozenset({"", "nan", "none", "null", "n/a", "na"})
 
 # Pack patterns, most explicit first; the first family that matches wins.
 _UNIT_AFTER_X = r"(?:fl\.?\s*oz|oz|ounces?|ct|count|g|grams?|kg|ml|l|lbs?|pounds?|liters?|litres?)"
 _PACK_PATTERNS = (
-    re.compile(r"\b(?:pack|set|case|bundle|lot|carton|pk)\s+of\s+(\d{1,4})\b", re.I),
-    re.compile(r"\b(\d{1,4})\s*-?\s*(?:packs?|pk|pks)\b", re.I),
-    re.compile(r"\b(\d{1,4})\s+per\s+(?:case|pack|box|carton)\b", re.I),
-    re.compile(r"\b(\d{1,3})\s*[x×]\s*\d+(?:\.\d+)?\s*" + _UNIT_AFTER_X + r"\b", re.I),
+    re.compile(r"\b(?:pack|set|case|bundle|lot|carton|pk)\s+of\s+([0-9]{1,4})\b", re.I),
+    # not `\s*-?\s*`: two adjacent \s* backtrack quadratically on a long run of spaces
+    re.compile(r"\b([0-9]{1,4})\s*(?:-\s*)?(?:packs?|pk|pks)\b", re.I),
+    re.compile(r"\b([0-9]{1,4})\s+per\s+(?:case|pack|box|carton)\b", re.I),
+    re.compile(r"\b([0-9]{1,3})\s*[x×]\s*\d+(?:\.\d+)?\s*" + _UNIT_AFTER_X + r"\b", re.I),
 )
 PACK_MAX = 1000  # larger "packs" are product codes or counts of contents, not multipacks
 
@@ -76,21 +103,36 @@ class CatalogFields:
         return "\n".join(p for p in parts if p)
 
 
-def _parse_value(raw: str | None) -> float | None:
-    """A finite, non-negative number from the Value text, or None ("12.0", "1,000", "12 oz")."""
+def _read_number(raw: str | None) -> float | None:
+    """The number the Value text starts with ("12.0", "1,000", "12 oz"), or None when it does not
+    start with one or the number is garbled (see `_GARBLED_TAIL`). Range is not checked here."""
     if raw is None:
         return None
     text = raw.strip().replace(",", "")
     match = _NUMBER.match(text)
-    if match is None:
+    if match is None or _GARBLED_TAIL.match(text, match.end()):
         return None
+    return float(match.group(0))  # the pattern only admits what float() reads
+
+
+def _in_range(number: float | None) -> bool:
+    return number is not None and math.isfinite(number) and 0.0 <= number <= VALUE_MAX
+
+
+def _parse_value(raw: str | None) -> float | None:
+    """A number in [0, VALUE_MAX] from the Value text, or None (missing, garbled, out of range)."""
+    number = _read_number(raw)
+    return number if _in_range(number) else None
+
+
+def _valid_unicode(text: str) -> str:
+    """`text` encodable as UTF-8: lone surrogates (which JSON's `\\ud800` escapes produce) become
+    "?", because tokenizers and response encoders fail on them."""
     try:
-        number = float(match.group(0))
-    except ValueError:
-        return None
-    if not math.isfinite(number) or number < 0:
-        return None
-    return number
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+    return text
 
 
 def parse_catalog(text: object) -> CatalogFields:
@@ -103,6 +145,7 @@ def parse_catalog(text: object) -> CatalogFields:
     """
     if not isinstance(text, str) or not text.strip():
         return CatalogFields()
+    text = _valid_unicode(text)
     item_name: list[str] = []
     preamble: list[str] = []
     bullets: list[list[str]] = []
@@ -203,10 +246,11 @@ def _count(flags: Iterable[bool]) -> int:
 def parse_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, ParseReport]:
     """Parse every row's `catalog_content`; input columns are kept, row order and index too.
 
-    Defaults: value 1.0 (`value_missing` = 1), unit "none" (`unit_missing` = 1), pack 1, empty
-    strings for text fields. `quantity` is Value in the kind's base unit (grams, millilitres,
-    items, ...); Value is sometimes the pack total and sometimes per unit, so `pack` is kept as
-    its own column for models to combine rather than multiplied in here.
+    Defaults (listed in the module docstring): value 1.0 (`value_missing` = 1), unit "none"
+    (`unit_missing` = 1), pack 1, empty strings for text fields. `quantity` is Value in the
+    kind's base unit (grams, millilitres, items, ...); Value is sometimes the pack total and
+    sometimes per unit, so `pack` is kept as its own column for models to combine rather than
+    multiplied in here.
     """
     if "catalog_content" not in df.columns:
         raise ValueError(
@@ -258,7 +302,10 @@ def parse_frame(df: pd.DataFrame) -> tuple[pd.DataFrame, ParseReport]:
         "item_name_missing": _count(not name for name in item_names),
         "value_missing": int(value_missing.sum()),
         "value_malformed": _count(
-            f.value is None and not _is_null_token(f.value_raw) for f in fields
+            _read_number(f.value_raw) is None and not _is_null_token(f.value_raw) for f in fields
+        ),
+        "value_out_of_range": _count(
+            f.value is None and _read_number(f.value_raw) is not None for f in fields
         ),
         "unit_missing": int(unit_missing.sum()),
         "unit_none": _count(

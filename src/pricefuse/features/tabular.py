@@ -199,14 +199,19 @@ class EmbeddingCompressor:
 
 
 def _name_numbers(names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(largest number, how many numbers) in each item name: sizes and counts hide there."""
+    """(largest number, how many numbers) in each item name: sizes and counts hide there.
+
+    A digit run too long for a float (400 digits read as inf) counts as a number but not as the
+    largest one: an infinite feature would stop XGBoost and poison the others.
+    """
     largest = np.full(len(names), np.nan)
     counts = np.zeros(len(names))
     for i, name in enumerate(names):
         numbers = [float(tok.replace(",", "")) for tok in _NUMBER.findall(name)]
         counts[i] = len(numbers)
-        if numbers:
-            largest[i] = max(numbers)
+        finite = [number for number in numbers if np.isfinite(number)]
+        if finite:
+            largest[i] = max(finite)
     return largest, counts
 
 
