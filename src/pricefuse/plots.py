@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -99,6 +100,11 @@ def decile_lines(frame: pd.DataFrame, title: str, path: Path | str) -> Path:
     ax.set_xticks(frame["decile"], ticks, fontsize=7)
     ax.set_xlabel("actual price decile (upper bound)")
     ax.set_ylabel("SMAPE (%)")
+    return _save_lines(fig, ax, title, path)
+
+
+def _save_lines(fig: Any, ax: Any, title: str, path: Path) -> Path:
+    """The finish every line chart shares: title, light grid, small legend, written as PNG."""
     ax.set_title(title)
     ax.grid(True, alpha=0.2)
     ax.legend(fontsize=7)
@@ -121,10 +127,4 @@ def coverage_lines(frame: pd.DataFrame, title: str, path: Path | str) -> Path:
     ax.set_ylabel("empirical coverage on OOF rows")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.2)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_lines(fig, ax, title, path)
