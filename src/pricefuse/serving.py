@@ -107,44 +107,62 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         return out
 
     def predict_prices(self, rows: pd.DataFrame) -> np.ndarray:
-        """Prices for validated rows (see `validate_input`)."""
+        """Prices for validated rows (see `validate_input`).
+
+        The wall time of each part lands in `self.last_timings` (seconds by section: parse,
+        image load, text encoder, image encoder, `member <producer>`, blend) for the latency
+        benchmark; with concurrent calls it holds the last one to finish.
+        """
         from pricefuse.data.catalog import parse_frame
         from pricefuse.data.images import load_image_source
         from pricefuse.members import MemberBatch
         from pricefuse.models.ensemble import meta_features, to_price
+        from pricefuse.timings import Stopwatch
 
-        parsed, _report = parse_frame(rows)
-        images = [
-            load_image_source(link=link, b64=b64, cfg=self.params.fetch)
-            for link, b64 in zip(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], strict=True)
-        ]
-        text_emb = self.text_encoder.encode(list(parsed["text"]))
-        image_emb, mask = self.image_encoder.encode(images)
+        watch = Stopwatch()
+        with watch("parse"):
+            parsed, _report = parse_frame(rows)
+        with watch("image load"):
+            images = [
+                load_image_source(link=link, b64=b64, cfg=self.params.fetch)
+                for link, b64 in zip(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], strict=True)
+            ]
+        with watch("text encoder"):
+            text_emb = self.text_encoder.encode(list(parsed["text"]))
+        with watch("image encoder"):
+            image_emb, mask = self.image_encoder.encode(images)
         parsed["has_image"] = mask
         batch = MemberBatch(parsed, text_emb, image_emb, mask)
-        members = self.member_predictions(batch)
-        log_pred = self.state.predict_log(members, meta_features(parsed, mask))
-        return to_price(log_pred)
+        members = self.member_predictions(batch, watch)
+        with watch("blend"):
+            log_pred = self.state.predict_log(members, meta_features(parsed, mask))
+            prices = to_price(log_pred)
+        self.last_timings = watch.seconds
+        return prices
 
-    def member_predictions(self, batch: Any) -> np.ndarray:
+    def member_predictions(self, batch: Any, watch: Any = None) -> np.ndarray:
         """Member log predictions as columns, in the order the ensemble state expects.
 
         Feature providers (the neighbour index) run first and add their columns to the batch,
         and every producer's predictions join the batch as `member_<name>` columns for the
-        producers after it — exactly the columns the training stages read.
+        producers after it — exactly the columns the training stages read. `watch` (a
+        `pricefuse.timings.Stopwatch`) times each producer when given.
         """
         from pricefuse.members import stacked_column
+        from pricefuse.timings import Stopwatch
 
+        watch = watch or Stopwatch()
         by_name: dict[str, np.ndarray] = {}
         for producer, predictor in self.producers:
-            if producer.feeds_features and self.params.neighbours.as_features:
-                batch = predictor.augment(batch)
-            predicted = predictor.predict_members(batch)
-            by_name.update(predicted)
-            # later producers may take these as stacked features (gbdt.stack_members)
-            batch = batch.with_columns(
-                pd.DataFrame({stacked_column(m): v for m, v in predicted.items()})
-            )
+            with watch(f"member {producer.name}"):
+                if producer.feeds_features and self.params.neighbours.as_features:
+                    batch = predictor.augment(batch)
+                predicted = predictor.predict_members(batch)
+                by_name.update(predicted)
+                # later producers may take these as stacked features (gbdt.stack_members)
+                batch = batch.with_columns(
+                    pd.DataFrame({stacked_column(m): v for m, v in predicted.items()})
+                )
         return np.column_stack([by_name[name] for name in self.state.members])
 
 
