@@ -13,11 +13,13 @@ data/raw test CSV). One run measures, on the same rows of the project's test CSV
   raw       in this process, the model's own encoder weights without the serving code around
             them: one text's MiniLM tokenize + forward + pooling (p50 over the same rows, same
             max_length), and the text + image encoders on the same 256 rows (images decoded
-            beforehand) in rows/s;
-  split     the pyfunc loaded in this process (`mlflow.pyfunc.load_model`), timed by the
-            model's own sections (`PriceEnsembleModel.last_timings`: parse, image load, text
-            encoder, image encoder, each member producer, blend): median per single text-only
-            row and per row of the 256-row batch.
+            beforehand) in rows/s. Raw and HTTP calls alternate (one raw forward, then that
+            row's requests; one raw batch, then the HTTP batch), so on a shared machine both
+            sides of a goal ratio see the same load;
+  split     the pyfunc loaded in this process (`mlflow.pyfunc.load_model`, the model's own
+            shipped code), timed by its own sections (`PriceEnsembleModel.last_timings`: parse,
+            image load, text encoder, image encoder, each member producer, blend): median per
+            single text-only row and per row of the 256-row batch.
 Goals (issue 9): single-row text-only p50 <= 2x the raw single-text forward; batch throughput
 >= 0.8x the raw encoders' throughput. The seed SPAM_LLMs' figures (84 ms embedding and 30 us head
 per sample, P100) are printed beside ours. Figures depend on the machine and its load: printed,
@@ -155,57 +157,76 @@ def row(frame: pd.DataFrame, i: int, image: bool) -> pd.DataFrame:
     return one if image else one.drop(columns=["image_b64"])
 
 
-def measure_http(server: Server, rows: pd.DataFrame, args: argparse.Namespace) -> dict:
+class Raw:
+    """The encoders alone: the served model's own tokenizer and weights, none of the serving
+    code around them. Texts are the parsed `text` the model embeds; images are decoded
+    beforehand (the reference is the encoders, not the image source)."""
+
+    def __init__(self, model: Any, rows: pd.DataFrame, n_batch: int) -> None:
+        from pricefuse.data.catalog import parse_frame
+        from pricefuse.data.images import load_image_source
+
+        self.model = model
+        self.texts = list(parse_frame(rows.assign(image_link=None))[0]["text"])
+        self.n_batch = min(n_batch, len(rows))
+        self.images = [
+            load_image_source(b64=b, cfg=model.params.fetch)
+            for b in rows["image_b64"][: self.n_batch]
+        ]
+
+    def forward_one(self, i: int) -> None:
+        """Tokenize + forward + mean pooling of one text, as the model's max_length allows."""
+        import torch
+
+        enc = self.model.text_encoder
+        with torch.inference_mode():
+            tokens = enc.tokenizer(
+                [self.texts[i]], truncation=True, max_length=enc.max_length, return_tensors="pt"
+            )
+            hidden = enc.model(**tokens).last_hidden_state
+            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
+
+    def encoders(self) -> None:
+        """Text and image encoders on the batch rows."""
+        self.model.text_encoder.encode(self.texts[: self.n_batch])
+        self.model.image_encoder.encode(self.images)
+
+
+def measure(server: Server, raw: Raw, rows: pd.DataFrame, args: argparse.Namespace) -> dict:
+    """HTTP and raw figures, interleaved request by request: on a shared machine the load
+    drifts, and both sides of each goal ratio then see the same drift. Ends by checking that
+    the server's batch prices are the loaded model's (rtol 1e-6)."""
+    from pricefuse.serving import validate_input
+
     text_rows = list(range(min(args.single, len(rows))))
     image_rows = [i for i in range(len(rows)) if rows["image_b64"][i]][: args.single]
     batch = rows.iloc[: args.batch].reset_index(drop=True)
     for i in range(3):  # warm-up: first calls pay lazy imports and allocator growth
         server.post(row(rows, i, image=False))
         server.post(row(rows, image_rows[i], image=True))
+        raw.forward_one(i)
     server.post(batch)
-    text = [timed(lambda i=i: server.post(row(rows, i, False)), 1)[0] for i in text_rows]
-    image = [timed(lambda i=i: server.post(row(rows, i, True)), 1)[0] for i in image_rows]
-    batch_s = statistics.median(timed(lambda: server.post(batch), args.repeats))
-    return {"text": text, "image": image, "batch_rows_s": len(batch) / batch_s}
-
-
-def measure_raw(model: Any, rows: pd.DataFrame, args: argparse.Namespace) -> dict:
-    """The encoders alone: the model's own tokenizer/weights, none of the serving code."""
-    import torch
-
-    from pricefuse.data.catalog import parse_frame
-    from pricefuse.data.images import load_image_source
-
-    texts = list(parse_frame(rows.assign(image_link=None))[0]["text"])
-    enc = model.text_encoder
-
-    def forward_one(text: str) -> None:
-        with torch.inference_mode():
-            tokens = enc.tokenizer(
-                [text], truncation=True, max_length=enc.max_length, return_tensors="pt"
-            )
-            hidden = enc.model(**tokens).last_hidden_state
-            mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=1)
-
-    for text in texts[:3]:
-        forward_one(text)
-    single = [timed(lambda t=t: forward_one(t), 1)[0] for t in texts[: args.single]]
-    n = min(args.batch, len(rows))
-    images = [
-        load_image_source(b64=b, cfg=model.params.fetch) for b in rows["image_b64"][:n]
-    ]  # decoded beforehand: the reference is the encoders, not the image source
-
-    def encoders() -> None:
-        enc.encode(texts[:n])
-        model.image_encoder.encode(images)
-
-    encoders()
-    batch_s = statistics.median(timed(encoders, args.repeats))
+    raw.encoders()
+    text, image, single = [], [], []
+    for i, j in zip(text_rows, image_rows, strict=False):
+        single += timed(lambda i=i: raw.forward_one(i), 1)
+        text += timed(lambda i=i: server.post(row(rows, i, False)), 1)
+        image += timed(lambda j=j: server.post(row(rows, j, True)), 1)
+    http_batch, raw_batch = [], []
+    for _ in range(args.repeats):
+        raw_batch += timed(raw.encoders, 1)
+        http_batch += timed(lambda: server.post(batch), 1)
+    served = np.array([answer["price"] for answer in server.post(batch)])
+    local = raw.model.predict_prices(validate_input(batch))
+    assert np.allclose(served, local, rtol=1e-6), "the server and the loaded model disagree"
     return {
+        "text": text,
+        "image": image,
         "single": single,
-        "batch_rows_s": n / batch_s,
-        "images": sum(i is not None for i in images),
+        "batch_rows_s": len(batch) / statistics.median(http_batch),
+        "raw_batch_rows_s": raw.n_batch / statistics.median(raw_batch),
+        "images": sum(image is not None for image in raw.images),
     }
 
 
@@ -235,22 +256,22 @@ def measure_split(model: Any, rows: pd.DataFrame, args: argparse.Namespace) -> d
             "batch_total": batch_total}  # fmt: skip
 
 
-def report(http: dict, raw: dict, split: dict, startup: float, args: argparse.Namespace) -> None:
+def report(http: dict, split: dict, startup: float, args: argparse.Namespace) -> None:
     text_p50 = quantile_ms(http["text"], 0.5)
-    raw_p50 = quantile_ms(raw["single"], 0.5)
+    raw_p50 = quantile_ms(http["single"], 0.5)
     print(f"server startup (to /ping): {startup:.1f} s; workers {args.workers}")
     print(f"HTTP single row, text only : p50 {text_p50:7.1f} ms  p95 "
           f"{quantile_ms(http['text'], 0.95):7.1f} ms  ({len(http['text'])} rows)")  # fmt: skip
     print(f"HTTP single row, with image: p50 {quantile_ms(http['image'], 0.5):7.1f} ms  p95 "
           f"{quantile_ms(http['image'], 0.95):7.1f} ms  ({len(http['image'])} rows)")  # fmt: skip
-    print(f"HTTP {args.batch}-row batch ({raw['images']} with image): "
+    print(f"HTTP {args.batch}-row batch ({http['images']} with image): "
           f"{http['batch_rows_s']:7.1f} rows/s")  # fmt: skip
     print(f"raw MiniLM single-text forward: p50 {raw_p50:7.1f} ms  "
-          f"p95 {quantile_ms(raw['single'], 0.95):7.1f} ms")  # fmt: skip
+          f"p95 {quantile_ms(http['single'], 0.95):7.1f} ms")  # fmt: skip
     print(f"raw encoders (text + image) on the same {args.batch} rows: "
-          f"{raw['batch_rows_s']:7.1f} rows/s")  # fmt: skip
+          f"{http['raw_batch_rows_s']:7.1f} rows/s")  # fmt: skip
     single_ratio = text_p50 / raw_p50
-    batch_ratio = http["batch_rows_s"] / raw["batch_rows_s"]
+    batch_ratio = http["batch_rows_s"] / http["raw_batch_rows_s"]
     verdict = {True: "PASS", False: "FAIL"}
     print(f"goal single-row p50 <= {SINGLE_GOAL}x raw forward: {single_ratio:.2f}x "
           f"{verdict[single_ratio <= SINGLE_GOAL]}")  # fmt: skip
@@ -286,20 +307,20 @@ def main() -> None:
     model_uri = args.model or default_model(project)
     rows = demo_rows(project)
     print(f"model {model_uri}; project {project}; {len(rows)} test rows")
-    server = Server(project, model_uri, args.workers)
-    try:
-        http = measure_http(server, rows, args)
-    finally:
-        server.close()
-    # Loaded after the server is gone, so the two never compete for the cores. The model's own
-    # code (shipped with it) is what runs, as in the server.
+    # The model's own code (shipped with it) runs here, as in the server: nothing of pricefuse
+    # is imported before it loads.
     import mlflow
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    raw = measure_raw(model, rows, args)
+    raw = Raw(model, rows, args.batch)
+    server = Server(project, model_uri, args.workers)
+    try:
+        figures = measure(server, raw, rows, args)
+    finally:
+        server.close()
     split = measure_split(model, rows, args)
-    report(http, raw, split, server.startup_s, args)
+    report(figures, split, server.startup_s, args)
 
 
 if __name__ == "__main__":
