@@ -40,13 +40,18 @@ class FoldModel:
     @torch.inference_mode()
     def predict_inputs(self, inputs: FusionInputs) -> np.ndarray:
         """Clipped log1p predictions for already built inputs (eval mode: no dropout)."""
+        # Toggled only when needed: eval()/train() walk every submodule, which cost more than a
+        # served row's forward pass.
         was_training = self.head.training
-        self.head.eval()
+        toggle = any(module.training for module in self.head.modules())
+        if toggle:
+            self.head.eval()
         out = [
             self.head(*inputs.features(slice(start, start + PREDICT_BATCH))).numpy()
             for start in range(0, len(inputs), PREDICT_BATCH)
         ]
-        self.head.train(was_training)
+        if toggle:
+            self.head.train(was_training)
         pred = np.concatenate(out).astype(np.float64) if out else np.zeros(0)
         return self.spec.clip(pred)
 
