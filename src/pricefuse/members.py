@@ -37,10 +37,23 @@ class MemberBatch:
     image_mask: np.ndarray
 
     def with_columns(self, columns: pd.DataFrame) -> MemberBatch:
-        """The same rows with extra (or replaced) parsed columns, aligned by position."""
-        parsed = self.parsed.reset_index(drop=True).copy()
-        for name in columns.columns:
-            parsed[name] = columns[name].to_numpy()
+        """The same rows with extra (or replaced) parsed columns, aligned by position.
+
+        New columns are joined in one concat: one insert per column (20 neighbour features)
+        cost several ms per served request.
+        """
+        if len(columns) != len(self.parsed):
+            raise ValueError(f"{len(columns)} rows of columns for {len(self.parsed)} parsed rows")
+        parsed = self.parsed.reset_index(drop=True)
+        values = columns.reset_index(drop=True)
+        replaced = [name for name in values.columns if name in parsed.columns]
+        if replaced:
+            parsed = parsed.copy()
+            for name in replaced:
+                parsed[name] = values[name].to_numpy()
+        added = [name for name in values.columns if name not in replaced]
+        if added:
+            parsed = pd.concat([parsed, values[added]], axis=1)
         return MemberBatch(parsed, self.text, self.image, self.image_mask)
 
 

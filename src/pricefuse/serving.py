@@ -36,6 +36,13 @@ ART_PARAMS = "params"
 PARAM_LEVEL = "interval_level"  # per-request param: the price interval's level
 
 
+# Requests of at most this many rows run torch on one thread. Why: their tensors are too small
+# for intra-op parallelism to pay, and waking a second (PASSIVE-waiting) OpenMP thread for each
+# of the ~150 ops of a row cost more than it saved: a single row's fusion heads took 14 ms on two
+# threads, 8 ms on one, MiniLM 16 vs 15 ms (2-core machine). Larger requests keep torch's default.
+ONE_THREAD_ROWS = 4
+
+
 class InvalidInputError(ValueError):
     """Input rows the model cannot price; the message names the rows and the problem."""
 
@@ -190,9 +197,12 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         except (InvalidInputError, IntervalLevelError) as exc:
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
         from pricefuse.data.images import image_columns, load_images
+        from pricefuse.timings import Stopwatch
 
-        outcomes = load_images(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], self.image_policy)
-        out = self.predict_prices(rows, [outcome.image for outcome in outcomes], level)
+        watch = Stopwatch()
+        with watch("image load"):
+            outcomes = load_images(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], self.image_policy)
+        out = self.predict_prices(rows, [outcome.image for outcome in outcomes], level, watch)
         unpriced = np.flatnonzero(~np.isfinite(out["price"].to_numpy())).tolist()
         if unpriced:  # parsing bounds every feature, so this is a model fault, not the request's
             shown = ", ".join(map(str, unpriced[:_SHOWN_ROWS]))
@@ -206,42 +216,68 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
             out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
         return out
 
-    def predict_prices(self, rows: pd.DataFrame, images: list[Any], level: float) -> pd.DataFrame:
+    def predict_prices(
+        self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any = None
+    ) -> pd.DataFrame:
         """`price`, `price_low`, `price_high` (interval at `level`) for validated rows (see
-        `validate_input`) and their images (None: text-only)."""
+        `validate_input`) and their images (None: text-only).
+
+        The wall time of each part lands in `self.last_timings` (seconds by section: image load
+        when `watch` comes from `predict`, parse, text encoder, image encoder,
+        `member <producer>`, blend) for the latency benchmark; with concurrent calls it holds
+        the last one to finish.
+        """
+        from pricefuse.timings import Stopwatch, torch_threads
+
+        with torch_threads(1 if len(rows) <= ONE_THREAD_ROWS else None):
+            return self._predict_prices(rows, images, level, watch or Stopwatch())
+
+    def _predict_prices(
+        self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any
+    ) -> pd.DataFrame:
         from pricefuse.data.catalog import parse_frame
         from pricefuse.members import MemberBatch
         from pricefuse.models.ensemble import meta_features, to_price
 
-        parsed, _report = parse_frame(rows)
-        text_emb = self.text_encoder.encode(list(parsed["text"]))
-        image_emb, mask = self.image_encoder.encode(images)
+        with watch("parse"):
+            parsed, _report = parse_frame(rows)
+        with watch("text encoder"):
+            text_emb = self.text_encoder.encode(list(parsed["text"]))
+        with watch("image encoder"):
+            image_emb, mask = self.image_encoder.encode(images)
         parsed["has_image"] = mask
         batch = MemberBatch(parsed, text_emb, image_emb, mask)
-        members = self.member_predictions(batch)
-        log_pred = self.state.predict_log(members, meta_features(parsed, mask))
-        low, high = self.intervals.interval(log_pred, mask, level)
-        return pd.DataFrame({"price": to_price(log_pred), "price_low": low, "price_high": high})
+        members = self.member_predictions(batch, watch)
+        with watch("blend"):
+            log_pred = self.state.predict_log(members, meta_features(parsed, mask))
+            low, high = self.intervals.interval(log_pred, mask, level)
+            out = pd.DataFrame({"price": to_price(log_pred), "price_low": low, "price_high": high})
+        self.last_timings = watch.seconds
+        return out
 
-    def member_predictions(self, batch: Any) -> np.ndarray:
+    def member_predictions(self, batch: Any, watch: Any = None) -> np.ndarray:
         """Member log predictions as columns, in the order the ensemble state expects.
 
         Feature providers (the neighbour index) run first and add their columns to the batch,
         and every producer's predictions join the batch as `member_<name>` columns for the
-        producers after it — exactly the columns the training stages read.
+        producers after it — exactly the columns the training stages read. `watch` (a
+        `pricefuse.timings.Stopwatch`) times each producer when given.
         """
         from pricefuse.members import stacked_column
+        from pricefuse.timings import Stopwatch
 
+        watch = watch or Stopwatch()
         by_name: dict[str, np.ndarray] = {}
         for producer, predictor in self.producers:
-            if producer.feeds_features and self.params.neighbours.as_features:
-                batch = predictor.augment(batch)
-            predicted = predictor.predict_members(batch)
-            by_name.update(predicted)
-            # later producers may take these as stacked features (gbdt.stack_members)
-            batch = batch.with_columns(
-                pd.DataFrame({stacked_column(m): v for m, v in predicted.items()})
-            )
+            with watch(f"member {producer.name}"):
+                if producer.feeds_features and self.params.neighbours.as_features:
+                    batch = predictor.augment(batch)
+                predicted = predictor.predict_members(batch)
+                by_name.update(predicted)
+                # later producers may take these as stacked features (gbdt.stack_members)
+                batch = batch.with_columns(
+                    pd.DataFrame({stacked_column(m): v for m, v in predicted.items()})
+                )
         return np.column_stack([by_name[name] for name in self.state.members])
 
 

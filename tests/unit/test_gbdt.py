@@ -82,6 +82,21 @@ def test_unknown_category_and_missing_values_predict(name: str, data) -> None:
     assert predicted.shape == (5,) and np.isfinite(predicted).all()
 
 
+def test_catboost_predicts_from_the_object_array_as_from_the_frame(data) -> None:
+    """Serving feeds CatBoost an object array (`_rows`, 10x cheaper per row) where training
+    feeds a DataFrame (`_frame`): the same predictions, unknown/missing codes included."""
+    x, y, folds = data
+    model = fit_one("catboost", x, y, folds == 0)
+    odd = x.take(np.arange(12)).values.copy()
+    odd[:3, list(x.categorical)] = np.nan
+    odd[3, x.categorical[0]] = 999.0  # a code no tree has seen
+    odd[4, x.names.index("value")] = np.nan
+    rows = FeatureMatrix(odd, x.names, x.categorical)
+    from_frame = model.native.predict(model._frame(rows))
+    np.testing.assert_array_equal(model.predict(rows), from_frame)
+    np.testing.assert_array_equal(model.predict(x), model.native.predict(model._frame(x)))
+
+
 def test_unknown_booster_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="lightgbm"):
         booster_class("randomforest")

@@ -129,7 +129,9 @@ def test_served_output_carries_the_image_columns(server: FaultyServer) -> None:
     model.params = PARAMS
     priced: list[list] = []
 
-    def predict_prices(rows: pd.DataFrame, images: list, level: float) -> pd.DataFrame:
+    def predict_prices(
+        rows: pd.DataFrame, images: list, level: float, watch: object
+    ) -> pd.DataFrame:
         priced.append(images)
         price = np.full(len(rows), 9.5)
         return pd.DataFrame({"price": price, "price_low": price / 2, "price_high": price * 2})

@@ -13,6 +13,7 @@ from pricefuse.errors import StageError
 from pricefuse.layout import FOLD, ID, Layout
 from pricefuse.members import (
     PRODUCERS,
+    MemberBatch,
     UnknownMemberError,
     producer_of,
     selected_members,
@@ -72,3 +73,14 @@ def test_member_predictions_read_each_members_producer_file(tmp_path: Path) -> N
         member_predictions(params, "train", ["fusion"], ids)
     with pytest.raises(StageError, match="lack a prediction"):
         member_predictions(params, "train", ["linear"], pd.Series([1, 99]))
+
+
+def test_with_columns_replaces_in_place_appends_new_and_aligns_by_position() -> None:
+    parsed = pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]}, index=[7, 3])
+    batch = MemberBatch(parsed, np.zeros((2, 4)), np.zeros((2, 3)), np.array([True, False]))
+    out = batch.with_columns(pd.DataFrame({"b": ["p", "q"], "c": [5.0, 6.0]}, index=[0, 9]))
+    assert list(out.parsed.columns) == ["a", "b", "c"]
+    assert out.parsed["b"].tolist() == ["p", "q"] and out.parsed["c"].tolist() == [5.0, 6.0]
+    assert parsed["b"].tolist() == ["x", "y"]  # the batch it came from is unchanged
+    with pytest.raises(ValueError, match="3 rows of columns for 2 parsed rows"):
+        batch.with_columns(pd.DataFrame({"c": [1.0, 2.0, 3.0]}))

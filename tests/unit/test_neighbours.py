@@ -16,6 +16,8 @@ from pricefuse.features.neighbours import (
     knn_estimate,
     neighbour_stats,
     oof_features,
+    search_dense,
+    search_sparse,
 )
 from tests.support import project_params
 
@@ -135,3 +137,26 @@ def test_index_save_load_gives_identical_features_without_pickle(tmp_path: Path)
     assert {p.suffix for p in tmp_path.iterdir()} <= {".json", ".npy", ".npz"}
     after = NeighbourIndex.load(tmp_path).features(query)
     np.testing.assert_allclose(after.to_numpy(), before.to_numpy(), rtol=1e-6)
+
+
+def test_a_kept_search_index_answers_as_a_fresh_search() -> None:
+    """The served model keeps each space's search index across requests (no rebuild per
+    request); a second query, and one with another k, must equal a search built from scratch."""
+    data, y, _ = rows(150)
+    index = NeighbourIndex.fit(CFG, data, y)
+    first, _, _ = rows(30, seed=1)
+    index.features(first)  # builds and keeps the indexes
+    query, _, _ = rows(20, seed=2)
+    queries = index.spaces["tfidf_text"].vectorizer.transform(query.parsed["text"])
+    for k in (5, 3):
+        kept = index.spaces["tfidf_text"].search(queries, k)
+        fresh = search_sparse(queries, index.spaces["tfidf_text"].keys, k)
+        np.testing.assert_array_equal(kept[1], fresh[1])
+        np.testing.assert_array_equal(kept[0], fresh[0])
+    space = index.spaces["text_embedding"]
+    np.testing.assert_array_equal(
+        space.search(query.text, 5)[0], search_dense(query.text, space.keys, 5)[0]
+    )
+    features = index.features(query)
+    rebuilt = NeighbourIndex.fit(CFG, data, y).features(query)
+    np.testing.assert_array_equal(features.to_numpy(), rebuilt.to_numpy())

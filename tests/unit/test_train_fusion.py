@@ -175,6 +175,24 @@ def test_save_load_roundtrip_predicts_identically(trained, tmp_path: Path) -> No
     np.testing.assert_array_equal(loaded.predict(*args), result.predictor.predict(*args))
 
 
+def test_predictor_shares_the_numeric_matrix_yet_predicts_as_each_fold_alone(trained) -> None:
+    """FusionPredictor builds the raw numeric features once for all folds (serving latency);
+    the mean of each fold model predicting on its own is the same, bit for bit, and a fold
+    model left in training mode is put in eval mode for the prediction and restored."""
+    _, test, result = trained
+    predictor = result.predictor
+    alone = np.mean([fold.predict(test) for fold in predictor.folds], axis=0)
+    args = (test.frame, test.text, test.image, test.image_mask)
+    np.testing.assert_array_equal(predictor.predict(*args), alone)
+    head = predictor.folds[0].head
+    head.train()
+    try:
+        np.testing.assert_array_equal(predictor.predict(*args), alone)
+        assert head.training
+    finally:
+        head.eval()
+
+
 def test_training_is_deterministic_given_the_seed() -> None:
     data = synthetic(200, seed=3)
     cfg = dataclasses.replace(CFG, epochs=3)

@@ -76,22 +76,38 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def search_dense(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, key indices), each (n, k), most similar first; exact cosine via faiss."""
+def dense_index(keys: np.ndarray) -> Any:
+    """The exact inner-product faiss index of the normalised keys (what `search_dense` asks)."""
     import faiss
 
     index = faiss.IndexFlatIP(keys.shape[1])
     index.add(_normalise(keys))
+    return index
+
+
+def sparse_index(keys: Any, k: int) -> Any:
+    """scikit-learn's brute-force cosine search over the sparse keys (what `search_sparse` asks)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    return NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(keys)
+
+
+def search_dense(
+    queries: np.ndarray, keys: np.ndarray, k: int, index: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, key indices), each (n, k), most similar first; exact cosine via faiss.
+    `index`: `dense_index(keys)` when the caller keeps one."""
+    index = index if index is not None else dense_index(keys)
     sims, idx = index.search(_normalise(queries), k)
     return sims.astype(np.float64), idx
 
 
-def search_sparse(queries: Any, keys: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_sparse(
+    queries: Any, keys: Any, k: int, index: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, key indices), each (n >= 1, k), most similar first; exact cosine, brute
-    force."""
-    from sklearn.neighbors import NearestNeighbors
-
-    index = NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(keys)
+    force. `index`: `sparse_index(keys, k)` when the caller keeps one."""
+    index = index if index is not None else sparse_index(keys, k)
     sims, idx = [], []
     for start in range(0, queries.shape[0], SEARCH_BATCH):
         distance, found = index.kneighbors(queries[start : start + SEARCH_BATCH])
@@ -127,6 +143,19 @@ class _Space:
     keys: Any  # csr matrix (TF-IDF) or float32 array (embeddings), one row per key
     values: np.ndarray  # log price per key
     vectorizer: Any = None  # TF-IDF spaces only
+    _index: Any = None  # the search structure, built on first use and kept
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search_sparse`/`search_dense` over this space's keys. Why the kept index: a served
+        model queries the same keys for every request, and rebuilding the faiss index (and
+        re-normalising the keys) per request cost more than the search itself."""
+        if self.vectorizer is not None:
+            if self._index is None or self._index.n_neighbors != k:
+                self._index = sparse_index(self.keys, k)
+            return search_sparse(queries, self.keys, k, self._index)
+        if self._index is None:
+            self._index = dense_index(self.keys)
+        return search_dense(queries, self.keys, k, self._index)
 
 
 def _view(space: str) -> str:
@@ -179,13 +208,13 @@ class NeighbourIndex:
                 continue
             if space.vectorizer is not None:
                 queries = space.vectorizer.transform(text_view(rows.parsed, _view(name)))
-                sims, idx = search_sparse(queries, space.keys, k)
+                sims, idx = space.search(queries, k)
                 mask = np.ones(len(rows), dtype=bool)
             else:
                 queries, mask = _space_rows(name, rows)
                 if not mask.any():
                     continue
-                sims, idx = search_dense(queries, space.keys, k)
+                sims, idx = space.search(queries, k)
             block = neighbour_stats(sims, space.values[idx], self.cfg.decay, self.cfg.band)
             out[mask, i * len(STATS) : (i + 1) * len(STATS)] = block
         return pd.DataFrame(out, columns=self.columns)

@@ -228,23 +228,28 @@ def parsed_features(parsed: pd.DataFrame) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in parsed.columns]
     if missing:
         raise ValueError(f"parsed table lacks column(s) {', '.join(missing)}")
-    out = pd.DataFrame(
-        {c: pd.to_numeric(parsed[c], errors="coerce").astype(float) for c in NUMERIC_COLUMNS},
-        index=parsed.index,
-    )
-    pack = out["pack"].clip(lower=1.0)
-    out["log_value"] = _safe_log1p(out["value"].to_numpy())
-    out["log_quantity_per_pack"] = _safe_log1p((out["quantity"] / pack).to_numpy())
-    out["log_quantity_times_pack"] = _safe_log1p((out["quantity"] * pack).to_numpy())
+    # Columns gathered as arrays and framed once: a column insert per feature cost more than
+    # the features themselves on the served model's single rows.
+    out = {
+        c: pd.to_numeric(parsed[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        for c in NUMERIC_COLUMNS
+    }
+    pack = np.clip(out["pack"], 1.0, None)  # NaN stays NaN, as pandas' clip
+    out["log_value"] = _safe_log1p(out["value"])
+    out["log_quantity_per_pack"] = _safe_log1p(out["quantity"] / pack)
+    out["log_quantity_times_pack"] = _safe_log1p(out["quantity"] * pack)
     names = parsed["item_name"].fillna("").astype(str).tolist()
     largest, counts = _name_numbers(names)
     out["name_log_max_number"] = _safe_log1p(largest)
     out["name_n_numbers"] = counts
-    out["name_len"] = [float(len(name)) for name in names]
-    out["name_words"] = [float(len(name.split())) for name in names]
+    out["name_len"] = np.array([float(len(name)) for name in names])
+    out["name_words"] = np.array([float(len(name.split())) for name in names])
     for key, pattern in _KEYWORD_PATTERNS.items():
-        out[f"kw_{key}"] = [float(bool(pattern.search(name))) for name in names]
-    return out
+        out[f"kw_{key}"] = np.array([float(bool(pattern.search(name))) for name in names])
+    return pd.DataFrame(out, index=parsed.index)
+
+
+_PARSED_KEY = "<parsed_features>"  # not a column name: TabularFeaturizer.transform's cache key
 
 
 def _categorical_codes(values: pd.Series, vocabulary: tuple[str, ...]) -> np.ndarray:
@@ -291,19 +296,29 @@ class TabularFeaturizer:
         )
         return self
 
-    def transform(self, parsed: pd.DataFrame, emb: Embeddings) -> FeatureMatrix:
+    def transform(
+        self, parsed: pd.DataFrame, emb: Embeddings, shared: dict[str, np.ndarray] | None = None
+    ) -> FeatureMatrix:
+        """`shared`: a dict kept by a caller that transforms the same rows with several
+        featurizers (one per fold); the columns without fitted state (parsed features, the
+        `nbr_*`/`member_*` columns) are computed once into it and reused."""
         if not self.names:
             raise RuntimeError("TabularFeaturizer.transform called before fit")
         _check_rows(parsed, emb)
-        base = parsed_features(parsed).to_numpy(dtype=np.float64)
+        shared = {} if shared is None else shared
+        if _PARSED_KEY not in shared:
+            shared[_PARSED_KEY] = parsed_features(parsed).to_numpy(dtype=np.float64)
+        base = shared[_PARSED_KEY]
         codes = [_categorical_codes(parsed[c], self.vocabulary[c]) for c in CATEGORICAL_COLUMNS]
         has_image = np.asarray(emb.image_mask, dtype=np.float64)
-        neighbours = [
-            pd.to_numeric(parsed[c], errors="coerce").to_numpy(dtype=np.float64)
-            if c in parsed.columns
-            else np.full(len(parsed), np.nan)
-            for c in self.extra_columns
-        ]
+        for c in self.extra_columns:
+            if c not in shared:
+                shared[c] = (
+                    pd.to_numeric(parsed[c], errors="coerce").to_numpy(dtype=np.float64)
+                    if c in parsed.columns
+                    else np.full(len(parsed), np.nan)
+                )
+        neighbours = [shared[c] for c in self.extra_columns]
         values = np.column_stack([base, *codes, has_image, *neighbours]).astype(np.float32)
         values = np.hstack([values, self.compressor.transform(emb)])
         return FeatureMatrix(values, self.names, self.categorical)

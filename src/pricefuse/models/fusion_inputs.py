@@ -239,16 +239,18 @@ class InputSpec:
             [lookup.get(u, 0) if isinstance(u, str) else 0 for u in units], dtype=np.int64
         )
 
-    def build(self, data: SplitData) -> FusionInputs:
+    def build(self, data: SplitData, raw_numeric: np.ndarray | None = None) -> FusionInputs:
+        """`raw_numeric` is `numeric_matrix(data, self.extra_numeric)` when the caller already
+        has it (fold models of one run share it; it has no fitted state)."""
         if data.text.shape[1] != self.text_dim or data.image.shape[1] != self.image_dim:
             raise ValueError(
                 f"embedding dims (text {data.text.shape[1]}, image {data.image.shape[1]}) differ "
                 f"from the ones the model was trained on ({self.text_dim}, {self.image_dim}); "
                 "were the embeddings made with other encoders?"
             )
-        numeric = (
-            numeric_matrix(data, self.extra_numeric) - np.asarray(self.numeric_mean)
-        ) / np.asarray(self.numeric_std)
+        if raw_numeric is None:
+            raw_numeric = numeric_matrix(data, self.extra_numeric)
+        numeric = (raw_numeric - np.asarray(self.numeric_mean)) / np.asarray(self.numeric_std)
         numeric = np.nan_to_num(numeric, nan=0.0, posinf=0.0, neginf=0.0)
         text, image, mask = data.text, data.image, np.asarray(data.image_mask, dtype=bool)
         unit = self.unit_index(data.frame[UNIT_COLUMN])

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from pricefuse.models.fusion import FusionArch, FusionHead
-from pricefuse.models.fusion_inputs import FusionInputs, InputSpec, SplitData
+from pricefuse.models.fusion_inputs import FusionInputs, InputSpec, SplitData, numeric_matrix
 
 if TYPE_CHECKING:
     from pricefuse.members import MemberBatch
@@ -40,13 +40,18 @@ class FoldModel:
     @torch.inference_mode()
     def predict_inputs(self, inputs: FusionInputs) -> np.ndarray:
         """Clipped log1p predictions for already built inputs (eval mode: no dropout)."""
+        # Toggled only when needed: eval()/train() walk every submodule, which cost more than a
+        # served row's forward pass.
         was_training = self.head.training
-        self.head.eval()
+        toggle = any(module.training for module in self.head.modules())
+        if toggle:
+            self.head.eval()
         out = [
             self.head(*inputs.features(slice(start, start + PREDICT_BATCH))).numpy()
             for start in range(0, len(inputs), PREDICT_BATCH)
         ]
-        self.head.train(was_training)
+        if toggle:
+            self.head.train(was_training)
         pred = np.concatenate(out).astype(np.float64) if out else np.zeros(0)
         return self.spec.clip(pred)
 
@@ -74,7 +79,15 @@ class FusionPredictor:
     ) -> np.ndarray:
         """log1p price per row (fold-averaged, each fold's prediction clipped to its range)."""
         data = SplitData(parsed, text_emb, image_emb, image_mask)
-        return np.mean([fold.predict(data) for fold in self.folds], axis=0)
+        # The raw numeric features have no fitted state: built once per column set, not per fold.
+        raw: dict[tuple[str, ...], np.ndarray] = {}
+        predictions = []
+        for fold in self.folds:
+            extra = fold.spec.extra_numeric
+            if extra not in raw:
+                raw[extra] = numeric_matrix(data, extra)
+            predictions.append(fold.predict_inputs(fold.spec.build(data, raw[extra])))
+        return np.mean(predictions, axis=0)
 
     def predict_members(self, batch: MemberBatch) -> dict[str, np.ndarray]:
         """The registry's serving interface (see pricefuse.members)."""

@@ -60,8 +60,9 @@ class GbdtPredictor:
         emb = Embeddings(text_emb, image_emb, np.asarray(image_mask, dtype=bool))
         lo, hi = self.clip
         sums = {name: np.zeros(len(parsed_df)) for name in self.models}
+        shared: dict[str, np.ndarray] = {}  # columns every fold's featurizer computes alike
         for k, featurizer in enumerate(self.featurizers):
-            x = featurizer.transform(parsed_df, emb)
+            x = featurizer.transform(parsed_df, emb, shared)
             for name, fold_models in self.models.items():
                 sums[name] += np.clip(fold_models[k].predict(x) + self.offsets[k], lo, hi)
         return {name: total / len(self.featurizers) for name, total in sums.items()}
