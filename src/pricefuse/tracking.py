@@ -80,8 +80,9 @@ def unreachable_store(exc: BaseException) -> str | None:
 
 def unreachable_message(stage: str, uri: str, reason: str) -> str:
     """The one line a stage prints when its tracking store is gone."""
+    store = "store" if is_local_store(uri) else "server"
     return (
-        f"the MLflow tracking server (tracking URI {uri}) could not be reached while {stage} "
+        f"the MLflow tracking {store} (tracking URI {uri}) could not be reached while {stage} "
         f"ran: {reason}. The stage's outputs are not recorded, so DVC runs it again: start the "
         "tracking server again (README 'Working as a team') or point MLFLOW_TRACKING_URI at a "
         "running one, then re-run (`dvc repro`)."
