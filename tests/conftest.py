@@ -22,7 +22,7 @@ settings.load_profile("pricefuse")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data" / "amazon2025"
 TESTS_DIR = Path(__file__).resolve().parent
-TIERS = ("unit", "integration", "real")  # one directory under tests/ each, one marker each
+TIERS = ("unit", "integration", "real", "team")  # one directory under tests/ each, one marker each
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: it selects on these markers
@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if problems:
         raise pytest.UsageError(
             "every test belongs to exactly one tier, given by its directory "
-            "(tests/unit, tests/integration, tests/real):\n  " + "\n  ".join(problems)
+            f"(tests/{{{','.join(TIERS)}}}):\n  " + "\n  ".join(problems)
         )
 
 

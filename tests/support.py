@@ -56,9 +56,11 @@ def run_cmd(args: list[str], cwd: Path, timeout: float = 900, check: bool = True
     import subprocess
     import sys
 
-    full_env = {**os.environ, **(env or {})}
-    # A project copy uses its own store: sqlite:///mlflow.db at its root (the documented default).
+    full_env = dict(os.environ)
+    # A project copy uses its own store: sqlite:///mlflow.db at its root (the documented default),
+    # unless `env` names another (a tracking server).
     full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env.update(env or {})
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env['PATH']}"
     result = subprocess.run(
         args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout

@@ -268,5 +268,55 @@ def promote(
     click.echo(decision.describe())
 
 
+@main.command("tracking-server")
+@click.option(
+    "--backend-store-uri",
+    envvar="MLFLOW_BACKEND_STORE_URI",
+    required=True,
+    help="SQLAlchemy URL of the runs and registry database, "
+    "e.g. postgresql://mlflow:secret@db-host:5432/mlflow (env MLFLOW_BACKEND_STORE_URI).",
+)
+@click.option(
+    "--artifacts-destination",
+    envvar="MLFLOW_ARTIFACTS_DESTINATION",
+    default="mlartifacts",
+    show_default=True,
+    help="Directory or s3://bucket/prefix the server stores artifacts in and serves to clients.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="0.0.0.0 for the team.")
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--workers", default=None, type=int, help="Server processes (MLflow's default: 4).")
+@click.option(
+    "--allowed-hosts", default=None, help="Host headers to answer, e.g. mlflow.team.lan:5000."
+)
+def tracking_server(
+    backend_store_uri: str,
+    artifacts_destination: str,
+    host: str,
+    port: int,
+    workers: int | None,
+    allowed_hosts: str | None,
+) -> None:
+    """Upgrade the tracking database's schema, then run the team's MLflow tracking server.
+
+    Teammates then set MLFLOW_TRACKING_URI=http://<host>:<port> (README "Working as a team").
+    """
+    import subprocess
+
+    from pricefuse.tracking_server import ServerConfig, start
+
+    config = ServerConfig(
+        backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts
+    )
+    try:
+        start(config)
+    except subprocess.CalledProcessError as exc:
+        raise click.ClickException(
+            f"`mlflow db upgrade` failed (exit {exc.returncode}) for the backend store "
+            f"{backend_store_uri}: is the database running and the URL right? The server was "
+            "not started."
+        ) from exc
+
+
 if __name__ == "__main__":
     main()

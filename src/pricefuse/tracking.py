@@ -41,6 +41,54 @@ def default_tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def is_local_store(uri: str) -> bool:
+    """Whether a tracking URI is a store on this machine (a SQLite file or a file store) rather
+    than a tracking server or a shared database."""
+    scheme = uri.split(":", 1)[0].lower() if ":" in uri else ""
+    return scheme in ("", "file", "sqlite") or (len(scheme) == 1 and scheme.isalpha())
+
+
+# Transport failures of the clients MLflow talks to its store through (HTTP to a server,
+# SQLAlchemy to a database), by module and class name: importing them here would load both.
+_TRANSPORT_MODULES = ("requests", "urllib3", "sqlalchemy")
+_TRANSPORT = ("ConnectionError", "MaxRetryError", "NewConnectionError", "OperationalError")
+
+
+def unreachable_store(exc: BaseException) -> str | None:
+    """Why the tracking store could not be reached, if that is what `exc` (or an exception it
+    was raised from or while handling) says; None for any other failure.
+
+    Why: the MLflow client reports a dead server as `MlflowException("API request to <url>
+    failed with exception ...")` after its retries, and a dead database as SQLAlchemy's
+    OperationalError: both deserve one line naming the store, not a traceback.
+    """
+    from mlflow.exceptions import MlflowException
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if isinstance(current, MlflowException) and text.startswith("API request to "):
+            return text.splitlines()[0][:400]
+        kind = type(current)
+        if kind.__module__.split(".")[0] in _TRANSPORT_MODULES and kind.__name__ in _TRANSPORT:
+            return f"{kind.__name__}: {text.splitlines()[0][:400] if text else ''}"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def unreachable_message(stage: str, uri: str, reason: str) -> str:
+    """The one line a stage prints when its tracking store is gone."""
+    store = "store" if is_local_store(uri) else "server"
+    return (
+        f"the MLflow tracking {store} (tracking URI {uri}) could not be reached while {stage} "
+        f"ran: {reason}. The stage's outputs are not recorded, so DVC runs it again: start the "
+        "tracking server again (README 'Working as a team') or point MLFLOW_TRACKING_URI at a "
+        "running one, then re-run (`dvc repro`)."
+    )
+
+
 def configure(experiment: str, root: Path | None = None) -> str:
     """Point MLflow at the project store and experiment; returns the tracking URI."""
     import mlflow
@@ -52,7 +100,12 @@ def configure(experiment: str, root: Path | None = None) -> str:
         # (--experiment-name); joining it must not switch experiments.
         return uri
     if mlflow.get_experiment_by_name(experiment) is None:
-        artifacts = ((root or Path.cwd()).resolve() / "mlruns").as_uri()
+        # A local store keeps artifacts beside it (<root>/mlruns); a tracking server decides
+        # itself (its --artifacts-destination, served to every client): a path on this machine
+        # would be unreadable from a teammate's.
+        artifacts = None
+        if is_local_store(uri):
+            artifacts = ((root or Path.cwd()).resolve() / "mlruns").as_uri()
         try:
             mlflow.create_experiment(experiment, artifact_location=artifacts)
         except Exception:  # created concurrently by another process: fine
@@ -150,6 +203,21 @@ def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> 
     record a producing run (meta.json) become `upstream.<stage>` tags. System metrics (CPU,
     memory, GPU when present) are sampled for the run.
     """
+    from pricefuse.errors import StageError
+
+    uri = default_tracking_uri()
+    try:
+        with _stage_run(stage, params, inputs) as run:
+            yield run
+    except Exception as exc:
+        reason = unreachable_store(exc)
+        if reason is None:
+            raise
+        raise StageError(unreachable_message(stage, uri, reason)) from exc
+
+
+@contextmanager
+def _stage_run(stage: str, params: Params, inputs: Iterable[Path | str]) -> Iterator[Any]:
     import mlflow
 
     from pricefuse.datasets import log_inputs
