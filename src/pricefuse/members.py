@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,16 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.config import Params
-from pricefuse.overlap import resolve
 
 
 @dataclass(frozen=True)
 class MemberBatch:
-    """Rows to predict, as every predictor takes them: parsed table + aligned embeddings.
-
-    The text embeddings may still be on their way (a Future, see `pricefuse.overlap`): `text`
-    waits for them, so producers that never read it run while the encoder does.
-    """
+    """Rows to predict, as every predictor takes them: parsed table + aligned embeddings."""
 
     parsed: pd.DataFrame
-    text_pending: np.ndarray | Future
+    text: np.ndarray
     image: np.ndarray
     image_mask: np.ndarray
-
-    @property
-    def text(self) -> np.ndarray:
-        return resolve(self.text_pending)
 
     def with_columns(self, columns: pd.DataFrame) -> MemberBatch:
         """The same rows with extra (or replaced) parsed columns, aligned by position.
@@ -64,7 +54,7 @@ class MemberBatch:
         added = [name for name in values.columns if name not in replaced]
         if added:
             parsed = pd.concat([parsed, values[added]], axis=1)
-        return MemberBatch(parsed, self.text_pending, self.image, self.image_mask)
+        return MemberBatch(parsed, self.text, self.image, self.image_mask)
 
 
 @dataclass(frozen=True)
@@ -84,18 +74,15 @@ class Producer:
 
 
 PRODUCERS: tuple[Producer, ...] = (
-    # First: it reads only the parsed text, so a served row computes it while the text encoder
-    # runs (pricefuse.overlap); no producer's features feed it.
-    Producer(
-        "linear", "train_linear", "pricefuse.models.linear:LinearPredictor", lambda p: ("linear",)
-    ),
-    # The feature provider, before every producer that reads its columns.
     Producer(
         "neighbours",
         "neighbours",
         "pricefuse.features.neighbours:NeighbourIndex",
         lambda params: ("knn",),
         feeds_features=True,
+    ),
+    Producer(
+        "linear", "train_linear", "pricefuse.models.linear:LinearPredictor", lambda p: ("linear",)
     ),
     # Before the heads that may stack its predictions (`<consumer>.stack_members`): it reads only
     # the parsed rows.
@@ -175,10 +162,8 @@ def check_stack_members(params: Params, consumer: str) -> tuple[str, ...]:
 
 
 def serving_producers(params: Params) -> list[Producer]:
-    """The producers the served model loads, in prediction order (PRODUCERS': the linear
-    member, which reads only parsed text, then the feature providers, then the producers that
-    read their columns), the producers of the selected members and of the members stacked into
-    them."""
+    """The producers the served model loads, in prediction order: feature providers first,
+    then the producers of the selected members and of the members stacked into them."""
     needed = {producer_of(m, params).name for m in selected_members(params)}
     if params.neighbours.as_features:
         needed |= {p.name for p in PRODUCERS if p.feeds_features}

@@ -165,7 +165,6 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from pricefuse.members import serving_producers
         from pricefuse.models.ensemble import EnsembleState
         from pricefuse.models.intervals import ConformalCalibration
-        from pricefuse.overlap import Background
 
         raw = json.loads(Path(artifacts[ART_PARAMS]).read_text())
         self.params = params_from_dict(raw)
@@ -183,7 +182,6 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         self.state = EnsembleState.load(artifacts[ART_ENSEMBLE])
         self.image_policy = ImagePolicy.from_config(self.params.serving, self.params.fetch)
         self.intervals = ConformalCalibration.load(artifacts[ART_ENSEMBLE])
-        self.background = Background()
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -240,21 +238,16 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from pricefuse.data.catalog import parse_frame
         from pricefuse.members import MemberBatch
         from pricefuse.models.ensemble import meta_features, to_price
-        from pricefuse.overlap import resolve
 
         with watch("parse"):
             parsed, _report = parse_frame(rows)
-        texts = list(parsed["text"])
-        if len(rows) <= ONE_THREAD_ROWS:  # beside the members that read no embedding
-            text_emb = self.background.submit(self._encode_text, texts, watch)
-        else:  # torch already takes every core
-            text_emb = self._encode_text(texts, watch)
+        with watch("text encoder"):
+            text_emb = self.text_encoder.encode(list(parsed["text"]))
         with watch("image encoder"):
             image_emb, mask = self.image_encoder.encode(images)
         parsed["has_image"] = mask
         batch = MemberBatch(parsed, text_emb, image_emb, mask)
         members = self.member_predictions(batch, watch)
-        resolve(text_emb)  # finished, its errors raised, even where no member read it
         with watch("blend"):
             log_pred = self.state.predict_log(members, meta_features(parsed, mask))
             low, high = self.intervals.interval(log_pred, mask, level)
@@ -262,15 +255,10 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         self.last_timings = watch.seconds
         return out
 
-    def _encode_text(self, texts: list[str], watch: Any) -> np.ndarray:
-        with watch("text encoder"):
-            return self.text_encoder.encode(texts)
-
     def member_predictions(self, batch: Any, watch: Any = None) -> np.ndarray:
         """Member log predictions as columns, in the order the ensemble state expects.
 
-        Feature providers (the neighbour index) run before the producers that read their columns
-        and add them to the batch,
+        Feature providers (the neighbour index) run first and add their columns to the batch,
         and every producer's predictions join the batch as `member_<name>` columns for the
         producers after it — exactly the columns the training stages read. `watch` (a
         `pricefuse.timings.Stopwatch`) times each producer when given.

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from pricefuse.features.ngrams import (
     save_vectorizer,
     text_view,
 )
-from pricefuse.overlap import resolve
 
 SPACES = ("tfidf_name", "tfidf_text", "text_embedding", "image")
 STATS = ("mean", "median", "std", "top1_sim", "top1")
@@ -57,14 +55,14 @@ class NeighbourRows:
     """The inputs of the neighbour search for a set of rows (arrays aligned with `parsed`)."""
 
     parsed: pd.DataFrame
-    text: np.ndarray | Future  # pending while the text encoder runs (pricefuse.overlap)
+    text: np.ndarray
     image: np.ndarray
     image_mask: np.ndarray
 
     def take(self, rows: np.ndarray) -> NeighbourRows:
         return NeighbourRows(
             self.parsed.iloc[rows].reset_index(drop=True),
-            resolve(self.text)[rows],
+            self.text[rows],
             self.image[rows],
             np.asarray(self.image_mask, dtype=bool)[rows],
         )
@@ -167,7 +165,7 @@ def _view(space: str) -> str:
 def _space_rows(space: str, rows: NeighbourRows) -> tuple[Any, np.ndarray]:
     """(row vectors, which rows take part) for a dense space: images only where present."""
     if space == "text_embedding":
-        return resolve(rows.text), np.ones(len(rows), dtype=bool)
+        return rows.text, np.ones(len(rows), dtype=bool)
     if space == "image":
         mask = np.asarray(rows.image_mask, dtype=bool)
         return rows.image[mask], mask
@@ -223,9 +221,7 @@ class NeighbourIndex:
 
     def augment(self, batch: Any) -> Any:
         """The registry's feature hook: `batch` (a MemberBatch) with the neighbour columns added."""
-        # The TF-IDF spaces need no embedding: with the text still pending, those listed before
-        # text_embedding in neighbours.spaces (the default) run beside the encoder.
-        rows = NeighbourRows(batch.parsed, batch.text_pending, batch.image, batch.image_mask)
+        rows = NeighbourRows(batch.parsed, batch.text, batch.image, batch.image_mask)
         return batch.with_columns(self.features(rows))
 
     def predict_members(self, batch: Any) -> dict[str, np.ndarray]:
