@@ -97,6 +97,33 @@ def test_catboost_predicts_from_the_object_array_as_from_the_frame(data) -> None
     np.testing.assert_array_equal(model.predict(x), model.native.predict(model._frame(x)))
 
 
+def test_xgboost_inplace_predict_matches_the_dmatrix_path(data) -> None:
+    """Serving predicts XGBoost in place on the values; training built a DMatrix with the
+    categorical feature types: the same predictions, unknown/missing codes included, and a
+    matrix with other feature names is refused as the DMatrix path refused it."""
+    x, y, folds = data
+    model = fit_one("xgboost", x, y, folds == 0)
+    odd = x.take(np.arange(12)).values.copy()
+    odd[:3, list(x.categorical)] = np.nan
+    odd[3, x.categorical[0]] = 999.0
+    odd[4, x.names.index("value")] = np.nan
+    for rows in (FeatureMatrix(odd, x.names, x.categorical), x, x.take(np.arange(1))):
+        through_dmatrix = model.native.predict(model._matrix(rows))
+        np.testing.assert_array_equal(model.predict(rows), through_dmatrix)
+    renamed = FeatureMatrix(odd, ("other", *x.names[1:]), x.categorical)
+    with pytest.raises(ValueError, match="expects"):
+        model.predict(renamed)
+
+
+@pytest.mark.parametrize("n", [1, 4, 5])
+def test_lightgbm_one_thread_small_inputs_predict_as_the_pool(data, n: int) -> None:
+    """Up to SMALL_PREDICT_ROWS rows predict on one thread: the same values as on the pool."""
+    x, y, folds = data
+    model = fit_one("lightgbm", x, y, folds == 0)
+    rows = x.take(np.arange(n))
+    np.testing.assert_array_equal(model.predict(rows), model.native.predict(rows.values))
+
+
 def test_unknown_booster_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="lightgbm"):
         booster_class("randomforest")
