@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +79,65 @@ def run_cmd(args: list[str], cwd: Path, timeout: float = 900, check: bool = True
             f"\n--- stderr\n{result.stderr[-6000:]}"
         )
     return result
+
+
+# --- live servers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_url(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
+    """Until `url` answers 200; fails early when `process` (the server) exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"{process.args} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def model_server(
+    model: str, cwd: Path, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """`mlflow models serve -m model --env-manager local` run in `cwd`; yields its base URL.
+
+    The tracking store is the project's own (sqlite:///mlflow.db in `cwd`) unless `env` names
+    one. Output goes to `log_path`, not a pipe nobody reads (a full pipe would block the
+    server); a server that exits or never answers fails with the log's tail.
+    """
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model]
+    command += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=full_env
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_for_url(f"{base}/ping", timeout=240, process=server)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log_path.read_text()[-4000:]}") from None
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 # --- the text member: tiny rows and a tiny encoder --------------------------------------------

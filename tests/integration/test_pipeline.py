@@ -7,11 +7,7 @@ state the previous one left), because a full repro is the expensive part.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,7 +20,7 @@ import pytest
 import yaml
 
 from pricefuse.cli import STAGES  # every stage the CLI offers is a dvc.yaml stage, in order
-from tests.support import run_cmd
+from tests.support import model_server, run_cmd
 
 pytestmark = pytest.mark.integration
 
@@ -151,12 +147,6 @@ def test_second_repro_is_a_noop(project: Path):
     assert "Running stage" not in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 # the README's command: the version holding the alias. After the first repro that is version 1,
 # the ensemble that wrote the first submission (test_dvc_repro_runs_every_stage checks it)
 SERVED_MODEL = "models:/price-ensemble@champion"
@@ -170,38 +160,9 @@ def served(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     registers the model) and stopped at teardown, so each test posts to the same live server.
     Its output goes to a file, not a pipe nobody reads: a full pipe would block the server.
     """
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
-    command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", SERVED_MODEL]
-    command += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            command,
-            cwd=project,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise AssertionError(f"server exited: {log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("server did not come up in 240 s")
+    with model_server(SERVED_MODEL, project, log_path) as base:
         yield base
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def _post_bytes(

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,8 +24,8 @@ import pytest
 from mlflow import MlflowClient
 
 from pricefuse.cli import STAGES
-from tests.support import REPO_ROOT, copy_project, run_cmd
-from tests.team.servers import PostgresCluster, TrackingServer, free_port, wait_for_url
+from tests.support import REPO_ROOT, copy_project, model_server, run_cmd
+from tests.team.servers import PostgresCluster, TrackingServer
 
 # Smaller than the integration tier's TINY: the point is who computes what, not the models.
 TEAM = {
@@ -128,10 +127,10 @@ def test_clone_b_pulls_and_recomputes_nothing(team: Team):
     assert client.get_run(fusion_run).info.status == "FINISHED"
 
 
-def _post(port: int, frame: pd.DataFrame) -> dict:
+def _post(base: str, frame: pd.DataFrame) -> dict:
     body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/invocations",
+        f"{base}/invocations",
         data=body,
         headers={"Content-Type": "application/json"},
     )
@@ -143,34 +142,12 @@ def test_registry_on_the_server_serves_clone_b(team: Team):
     version = team.client().get_model_version(MODEL, "1")
     assert version.status == "READY"
     assert version.run_id == _meta_run_id(team.clone_b, "data/models/ensemble")
-    port = free_port()
-    env = {**os.environ, **team.env}
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    model = f"models:/{MODEL}/1"
-    server = subprocess.Popen(
-        [mlflow_bin, "models", "serve", "-m", model, "--env-manager", "local", "-p", str(port)],
-        cwd=team.clone_b,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        try:
-            wait_for_url(f"http://127.0.0.1:{port}/ping", timeout=240, process=server)
-        except AssertionError:
-            server.kill()
-            raise AssertionError(server.communicate()[0][-4000:]) from None
+    log_path = team.clone_b.parent / "clone_b_serve.log"
+    with model_server(f"models:/{MODEL}/1", team.clone_b, log_path, env=team.env) as base:
         test = pd.read_csv(team.clone_b / "data/raw/demo/test.csv").head(3)
-        served = pd.DataFrame(_post(port, test[["sample_id", "catalog_content"]])["predictions"])
+        served = pd.DataFrame(_post(base, test[["sample_id", "catalog_content"]])["predictions"])
         assert list(served["sample_id"]) == list(test["sample_id"])
         assert (served["price"] > 0).all()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def _wait_for_running(team: Team, stage: str, process: subprocess.Popen) -> None:
