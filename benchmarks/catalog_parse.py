@@ -4,7 +4,9 @@
     python benchmarks/catalog_parse.py --csv data/raw/train.csv --repeat 3
 
 tests/real/test_real_catalog.py checks what it parses (unit coverage, packs, quantities); this
-prints how fast: rows/s, best of --repeat runs. Without the real rows it times synthetic
+prints how fast: rows/s, best of --repeat runs, then the time of one hostile row per size (a
+pack count followed by a long run of spaces: a served request may hold anything, so parsing
+must stay linear in the text's length). Without the real rows it times synthetic
 `format_catalog` rows instead (say so in any figure you quote). Figures depend on the machine
 and its load; not a test.
 """
@@ -57,6 +59,11 @@ def main() -> None:
         best = min(best, time.perf_counter() - started)
     print(f"{source}: {len(raw)} rows, unit coverage {report.unit_coverage:.3f}")
     print(f"parse_frame: {best:.2f} s (best of {args.repeat}), {len(raw) / best:,.0f} rows/s")
+    for spaces in (16_000, 1_000_000):
+        hostile = pd.DataFrame({"catalog_content": ["Item Name: 1" + " " * spaces + "z"]})
+        started = time.perf_counter()
+        parse_frame(hostile)
+        print(f"hostile row, pack digit + {spaces:,} spaces: {time.perf_counter() - started:.3f} s")
 
 
 if __name__ == "__main__":
