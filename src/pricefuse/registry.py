@@ -378,7 +378,7 @@ def oof_scorer(model: str, known: Mapping[str, pd.DataFrame] | None = None) -> S
 def rows_scorer(model: str, rows: pd.DataFrame, label: str) -> Scorer:
     """Compare two versions by running both registered pyfuncs on labelled `rows` (a `price`
     column plus the served model's inputs) that neither was trained on."""
-    from pricefuse.serving import INPUT_ID, INPUT_IMAGE_B64, INPUT_IMAGE_LINK, INPUT_TEXT
+    from pricefuse.serving_input import INPUT_ID, INPUT_IMAGE_B64, INPUT_IMAGE_LINK, INPUT_TEXT
 
     inputs = [c for c in (INPUT_ID, INPUT_TEXT, INPUT_IMAGE_LINK, INPUT_IMAGE_B64) if c in rows]
     data = rows[[*inputs, PRICE]].copy()
@@ -402,7 +402,7 @@ def rows_scorer(model: str, rows: pd.DataFrame, label: str) -> Scorer:
 
 def read_labelled_rows(path: Path) -> pd.DataFrame:
     """A labelled CSV for `promote --rows`: the served model's inputs and a finite `price`."""
-    from pricefuse.serving import INPUT_TEXT
+    from pricefuse.serving_input import INPUT_TEXT
 
     try:
         rows = pd.read_csv(path)

@@ -24,7 +24,7 @@ from pricefuse.features.tabular import parsed_features
 from pricefuse.models.ensemble import meta_features
 from pricefuse.models.fusion_inputs import SplitData, numeric_matrix
 from pricefuse.models.text_data import render_texts
-from pricefuse.serving import (
+from pricefuse.serving_input import (
     INPUT_ID,
     INPUT_IMAGE_B64,
     INPUT_IMAGE_LINK,
