@@ -30,9 +30,14 @@ from pricefuse.metrics import smape
 LOG_CLIP = (np.log1p(0.01), np.log1p(100_000.0))
 
 
+def clip_log(log_pred: np.ndarray) -> np.ndarray:
+    """log1p predictions clipped to the sane positive range every served price lies in."""
+    return np.clip(np.asarray(log_pred, dtype=np.float64), *LOG_CLIP)
+
+
 def to_price(log_pred: np.ndarray) -> np.ndarray:
     """log1p predictions -> prices, clipped to a sane positive range first."""
-    return np.expm1(np.clip(np.asarray(log_pred, dtype=np.float64), *LOG_CLIP))
+    return np.expm1(clip_log(log_pred))
 
 
 def blend(members: np.ndarray, weights: np.ndarray, shift: float = 0.0) -> np.ndarray:

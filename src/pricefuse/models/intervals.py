@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricefuse.models.ensemble import LOG_CLIP, to_price
+from pricefuse.models.ensemble import clip_log, to_price
 
 MANIFEST = "intervals.json"
 IMAGE, TEXT_ONLY, POOLED = "image", "text_only", "pooled"
@@ -64,11 +64,6 @@ def group_names(has_image: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(has_image, dtype=bool), IMAGE, TEXT_ONLY)
 
 
-def clipped(log_pred: np.ndarray) -> np.ndarray:
-    """Log predictions clipped as `to_price` clips them: the centre of the served interval."""
-    return np.clip(np.asarray(log_pred, dtype=np.float64), *LOG_CLIP)
-
-
 def conformal_quantile(sorted_residuals: np.ndarray, level: float) -> float:
     """The split-conformal quantile: the ceil((n+1)*level)-th smallest residual, or +inf when
     that rank exceeds n (too few rows for the level: the honest interval is unbounded)."""
@@ -95,7 +90,7 @@ class ConformalCalibration:
     ) -> ConformalCalibration:
         """Calibrate on OOF rows: y_log the true log1p prices, log_pred the OOF predictions."""
         y_log = np.asarray(y_log, dtype=np.float64)
-        residual = np.abs(y_log - clipped(log_pred))
+        residual = np.abs(y_log - clip_log(log_pred))
         if len(residual) == 0 or not np.isfinite(residual).all():
             raise ValueError("conformal calibration needs at least one row and finite residuals")
         groups = group_names(has_image)
@@ -119,7 +114,7 @@ class ConformalCalibration:
         self, log_pred: np.ndarray, has_image: np.ndarray, level: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """(price_low, price_high) per row: expm1(centre -/+ q), clipped like `to_price`."""
-        centre = clipped(log_pred)
+        centre = clip_log(log_pred)
         groups = group_names(has_image)
         half = np.zeros(len(centre))
         for group in GROUPS:
