@@ -282,7 +282,8 @@ def text_tower(resolved: ResolvedModel) -> JointTextTower:
     model = load_tower(resolved, "text")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        # ImportError: SigLIP's SentencePiece tokenizer needs `pip install sentencepiece`.
         raise ModelSourceError(
             f"cannot load the {family.name} tokenizer from {resolved.path} ({resolved.ref!r}): "
             f"{exc}"
