@@ -12,7 +12,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import pytest
 from hypothesis import settings
 
-from tests.support import copy_project
+from tests.support import copy_project, tiny_joint_model
 
 # Property-based tests run the same examples on every machine (a CI failure reproduces locally)
 # and keep no example database: tests write nothing into the checkout.
@@ -80,3 +80,15 @@ def make_project(tmp_path_factory: pytest.TempPathFactory):
         return copy_project(tmp_path_factory.mktemp(name), overrides)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random CLIP directory (tests.support.tiny_joint_model), built once per session."""
+    return tiny_joint_model(tmp_path_factory.mktemp("tiny-clip"), "clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random SigLIP directory (tests.support.tiny_joint_model), built once per session."""
+    return tiny_joint_model(tmp_path_factory.mktemp("tiny-siglip"), "siglip")

@@ -210,6 +210,51 @@ def tiny_encoder(directory: Path) -> str:
     return str(directory)
 
 
+TINY_JOINT_DIM = {"clip": 24, "siglip": 32}  # the shared text/image width of tiny_joint_model
+
+
+def tiny_joint_model(directory: Path, family: str) -> str:
+    """A randomly initialised 2-layer, 32-wide CLIP or SigLIP ("clip" | "siglip": both towers,
+    32x32 images in 8x8 patches, 16 text positions) with a tiny character-level CLIPTokenizer,
+    saved as a hub-like model directory: the joint encoders' machinery in about a second, offline.
+    The SigLIP directory gets the same tokenizer (SiglipTokenizer needs sentencepiece)."""
+    import string
+
+    from pricefuse import compat
+
+    compat.apply()
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, SiglipConfig, SiglipModel
+
+    if (directory / "config.json").exists():
+        return str(directory)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for char in string.ascii_lowercase + string.digits:
+            vocab[char + suffix] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    tower["num_attention_heads"] = 2
+    text = {**tower, "vocab_size": len(vocab), "max_position_embeddings": 16}
+    text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = {**tower, "image_size": 32, "patch_size": 8}
+    if family not in TINY_JOINT_DIM:
+        raise ValueError(f"family must be clip or siglip, got {family!r}")
+    with torch.random.fork_rng():  # seeded weights; the caller's random stream is left as it was
+        torch.manual_seed(0)
+        if family == "clip":
+            config = CLIPConfig(
+                text_config=text, vision_config=vision, projection_dim=TINY_JOINT_DIM["clip"]
+            )
+            model = CLIPModel(config)
+        else:
+            text["projection_size"] = TINY_JOINT_DIM["siglip"]  # = the vision width, as trained
+            model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return str(directory)
+
+
 def copy_project(root: Path, overrides: dict) -> Path:
     """Copy the project (code, pipeline, params with `overrides` merged) into `root` as a fresh,
     committed git + DVC repo: what the integration and real tests and the benchmarks run in."""

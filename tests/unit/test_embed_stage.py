@@ -16,7 +16,7 @@ from pricefuse.errors import StageError
 from pricefuse.features import row_hash
 from pricefuse.features.embedding import Encoders, embed_tables, load_embed_inputs
 from pricefuse.layout import Layout
-from tests.support import project_params
+from tests.support import TINY_JOINT_DIM, project_params
 
 TRAIN = pd.DataFrame(
     {
@@ -193,3 +193,23 @@ def test_core_returns_the_record_without_mlflow(
     }
     assert result.artifacts == {"": [layout.features_dir / "meta.json"]}
     assert "3-d" in result.summary and "1 thread(s)" in result.summary
+
+
+def test_core_with_one_joint_model_for_both_refs(project: Path, tiny_clip_dir: str) -> None:
+    """A CLIP directory as both refs (what the joint tower needs): text and image vectors of one
+    width, text rows unit-norm, images where readable, both refs recorded."""
+    from pricefuse.features.embedding import load_encoders
+
+    params = _params(text_model=tiny_clip_dir, image_model=tiny_clip_dir, image_size=32)
+    layout = Layout(params.data)
+    _write_parsed(layout)
+    result = embed_tables(load_embed_inputs(layout), load_encoders(params.embed), layout)
+
+    text = np.load(layout.text_embeddings("train"))
+    image = np.load(layout.image_embeddings("train"))
+    assert text.shape == image.shape == (4, TINY_JOINT_DIM["clip"])
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-5)
+    assert np.load(layout.image_mask("train")).tolist() == [True, False, False, False]
+    assert image[0].any() and not image[1:].any()
+    assert result.params["text_dim"] == result.params["image_dim"] == TINY_JOINT_DIM["clip"]
+    assert result.tags == {"text_model": tiny_clip_dir, "image_model": tiny_clip_dir}

