@@ -57,7 +57,7 @@ class Comparison:
     """One row per (fold set, --by values) group, best first within each fold set.
 
     `table` columns: `fold_set`, the `by` keys, `runs`, `<metric>_best` / `_mean` / `_std`
-    over the group's runs, `fold_mean` / `fold_std` / `n_folds` of the best run's
+    over the group's runs, `fold_mean` / `fold_std` / `fold_count` of the best run's
     `smape_fold_k` metrics (NaN / 0 where it logged none), `train_seconds` (mean over the runs,
     NaN where none logged it) and `best_run_id`. `best_folds` holds the best run's per-fold
     values, for the plot. `fold_sets` describes each fold set shown (id, data_md5, n_folds,
@@ -105,12 +105,8 @@ class Comparison:
         shown["runs"] = self.table["runs"]
         for stat in ("best", "mean", "std"):
             shown[stat] = self.table[f"{self.metric}_{stat}"].map(_fmt)
-        shown["folds"] = [
-            f"{_fmt(m)}±{_fmt(s)} ({n})" if n else "-"
-            for m, s, n in zip(
-                self.table["fold_mean"], self.table["fold_std"], self.table["n_folds"], strict=True
-            )
-        ]
+        folds = self.table[["fold_mean", "fold_std", "fold_count"]].itertuples(index=False)
+        shown["folds"] = [f"{_fmt(m)}±{_fmt(s)} ({n})" if n else "-" for m, s, n in folds]
         shown["train_s"] = self.table[TIME_METRIC].map(lambda v: _fmt(v, 0))
         shown["best_run_id"] = self.table["best_run_id"]
         if len(self.fold_sets) == 1:
@@ -153,7 +149,7 @@ def _param_keys(runs: pd.DataFrame) -> list[str]:
 def check_by(runs: pd.DataFrame, by: Sequence[str], known: Sequence[str] = ()) -> tuple[str, ...]:
     """The --by keys without a `params.` prefix; CompareError for a key that no run logged and
     `known` (the params.yaml keys: a param added after these runs shows as UNSET) lacks."""
-    keys = tuple(key.removeprefix("params.") for key in by)
+    keys = tuple(dict.fromkeys(key.removeprefix("params.") for key in by))
     if not keys:
         raise CompareError("give at least one --by param, e.g. --by fusion.arch")
     logged = _param_keys(runs)
@@ -239,7 +235,7 @@ def compare_runs(
                 f"{metric}_std": float(scores.std()) if len(group) > 1 else float("nan"),
                 "fold_mean": float(np.mean(folds)) if folds else float("nan"),
                 "fold_std": float(np.std(folds, ddof=1)) if len(folds) > 1 else float("nan"),
-                "n_folds": len(folds),
+                "fold_count": len(folds),
                 TIME_METRIC: float(seconds.mean()) if seconds is not None else float("nan"),
                 "best_run_id": best["run_id"],
             }

@@ -108,12 +108,12 @@ def test_groups_sorted_best_first_with_stats_on_the_newest_folds(store, runs):
     assert dcn_smape["smape_oof_std"] == pytest.approx(math.sqrt(2 * 0.75**2))
     assert dcn_smape["fold_mean"] == pytest.approx(47.5)  # the best run's folds
     assert dcn_smape["fold_std"] == pytest.approx(pd.Series([46, 48, 48.5]).std())
-    assert dcn_smape["n_folds"] == 3
+    assert dcn_smape["fold_count"] == 3
     assert dcn_smape["train_seconds"] == pytest.approx(25.0)
     assert dcn_smape["best_run_id"] == store.ids["dcn_smape_2"]
     single = table.iloc[1]
-    assert math.isnan(single["smape_oof_std"]) and single["n_folds"] == 2
-    assert table.iloc[3]["n_folds"] == 0 and math.isnan(table.iloc[3]["fold_mean"])
+    assert math.isnan(single["smape_oof_std"]) and single["fold_count"] == 2
+    assert table.iloc[3]["fold_count"] == 0 and math.isnan(table.iloc[3]["fold_mean"])
     assert len(set(table["fold_set"])) == 1
     assert (result.left_out_other_folds, result.left_out_no_metric) == (1, 1)
     text = result.to_text()
@@ -145,7 +145,8 @@ def test_other_seed_or_preprocess_params_are_other_folds(store):
 
 
 def test_a_known_param_no_run_logged_groups_as_unset(runs):
-    result = compare_runs(runs, by=["params.fusion.head"], known_params=["fusion.head"])
+    by = ["params.fusion.head", "fusion.head"]  # a prefix and a repeat change nothing
+    result = compare_runs(runs, by=by, known_params=["fusion.head"])
     assert list(result.table["fusion.head"]) == ["(unset)"]
     assert result.table.iloc[0]["runs"] == 6
 
