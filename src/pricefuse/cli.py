@@ -1,4 +1,4 @@
-"""`pricefuse`: one subcommand per pipeline stage, plus demo-data, evaluate and predict.
+"""`pricefuse`: one subcommand per pipeline stage, plus demo-data, evaluate, compare and predict.
 
 dvc.yaml and MLproject both call these commands, so a stage runs the same way whichever tool
 started it. Stage modules are imported lazily: `pricefuse --help` stays instant.
@@ -182,6 +182,68 @@ def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:
     if ablation is not None:
         click.echo("\nablation (OOF SMAPE %, from metrics/ablation.json):")
         click.echo(ablation.to_string(index=False))
+
+
+@main.command("compare")
+@click.option(
+    "--experiment", default=None, help="MLflow experiment. Default: mlflow.experiment of --params."
+)
+@click.option("--stage", default="train_fusion", show_default=True, help="Runs of this stage.")
+@click.option(
+    "--by",
+    "by",
+    multiple=True,
+    default=("fusion.arch", "fusion.loss"),
+    show_default=True,
+    help="A param to group by (dotted key, repeat for several).",
+)
+@click.option("--metric", default="smape_oof", show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("reports/compare"),
+    show_default=True,
+    help="Where compare.csv and compare.png go.",
+)
+@click.option(
+    "--all-runs", is_flag=True, help="Also runs on other folds, each fold set a separate block."
+)
+@click.option(
+    "--params",
+    "params_path",
+    type=click.Path(path_type=Path),
+    default=Path("params.yaml"),
+    show_default=True,
+    help="Parameter file (the experiment name; its keys are valid --by params).",
+)
+def compare(
+    experiment: str | None,
+    stage: str,
+    by: tuple[str, ...],
+    metric: str,
+    out_dir: Path,
+    all_runs: bool,
+    params_path: Path,
+) -> None:
+    """One table and one plot of a metric per --by group over an experiment's runs of a stage.
+
+    Only runs on the same folds are compared (pricefuse.compare); logs nothing to MLflow.
+    """
+    from pricefuse.compare import CompareError, compare_runs, load_runs, write_outputs
+    from pricefuse.config import flatten
+    from pricefuse.tracking import default_tracking_uri
+
+    params = _load(params_path, ())
+    stage = stage.replace("-", "_")
+    try:
+        runs = load_runs(experiment or params.mlflow.experiment, stage, default_tracking_uri())
+        result = compare_runs(runs, stage, by, metric, all_runs, known_params=list(flatten(params)))
+    except CompareError as exc:
+        raise click.ClickException(str(exc)) from exc
+    csv_path, png_path = write_outputs(result, out_dir)
+    click.echo(result.to_text())
+    click.echo(f"\nwrote {csv_path} and {png_path}")
 
 
 @main.command("predict")
