@@ -118,6 +118,57 @@ class LinearConfig:
 
 
 @dataclass(frozen=True)
+class ProjectionMlpConfig:
+    """`fusion.arch: projection_mlp` (pricefuse.models.heads.projection_mlp)."""
+
+    proj_dim: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class TowersConfig:
+    """`fusion.arch: towers` (pricefuse.models.heads.towers)."""
+
+    tower_dim: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class DcnConfig:
+    """`fusion.arch: dcn` (pricefuse.models.heads.dcn)."""
+
+    proj_dim: int
+    cross_layers: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class CrossAttentionConfig:
+    """`fusion.arch: cross_attention` (pricefuse.models.heads.cross_attention)."""
+
+    d_model: int
+    n_heads: int
+    text_tokens: int
+    image_tokens: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class FusionHeadsConfig:
+    """Each head's own knobs; only the section of `fusion.arch` is used (gated_residual's are
+    fusion.hidden / n_blocks / dropout)."""
+
+    projection_mlp: ProjectionMlpConfig
+    towers: TowersConfig
+    dcn: DcnConfig
+    cross_attention: CrossAttentionConfig
+
+
+@dataclass(frozen=True)
 class FusionConfig:
     lr: float
     weight_decay: float
@@ -131,6 +182,10 @@ class FusionConfig:
     loss: str
     modalities: tuple[str, ...]
     stack_members: tuple[str, ...]
+    arch: str
+    output: str
+    joint_tower: bool
+    heads: FusionHeadsConfig
 
 
 @dataclass(frozen=True)

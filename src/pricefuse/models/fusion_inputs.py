@@ -2,7 +2,7 @@
 
 Flow: `SplitData` (parsed table + embedding arrays, as the stages and the serving model hold
 them) -> `InputSpec.fit` on a fold's training rows (unit vocabulary, numeric scaler, clip range)
--> `InputSpec.build` -> `FusionInputs` (tensors) -> `FusionHead` (pricefuse.models.fusion).
+-> `InputSpec.build` -> `FusionInputs` (tensors) -> a fusion head (pricefuse.models.heads).
 
 Why a spec per fold, fit on that fold's training rows only: the validation rows then see the
 model exactly as test rows will — a unit that only occurs in the validation fold maps to <unk>
@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
+
+from pricefuse.features.joint_embedding import check_joint_dims, joint_embedding
 
 if TYPE_CHECKING:
     from pricefuse.members import MemberBatch
@@ -160,20 +162,23 @@ def to_tensor(array: Any, dtype: type[np.generic]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FusionInputs:
-    """Model-ready tensors for a set of rows, in FusionHead.forward's argument order."""
+    """Model-ready tensors for a set of rows, in the heads' forward argument order
+    (pricefuse.models.heads.base.FusionHeadBase.forward). `joint` is (n, 0) without the joint
+    tower, so every head takes the same arguments."""
 
     text: torch.Tensor
     image: torch.Tensor
     image_mask: torch.Tensor
     unit: torch.Tensor
     numeric: torch.Tensor
+    joint: torch.Tensor
 
     def __len__(self) -> int:
         return self.text.shape[0]
 
     def features(self, rows: torch.Tensor | slice | None = None) -> tuple[torch.Tensor, ...]:
-        """The FusionHead.forward arguments, optionally for a subset of rows."""
-        tensors = (self.text, self.image, self.image_mask, self.unit, self.numeric)
+        """The heads' forward arguments, optionally for a subset of rows."""
+        tensors = (self.text, self.image, self.image_mask, self.unit, self.numeric, self.joint)
         if rows is None:
             return tensors
         return tuple(t[rows] for t in tensors)
@@ -192,9 +197,20 @@ class InputSpec:
     log_price_range: tuple[float, float]
     extra_numeric: tuple[str, ...] = ()
     modalities: tuple[str, ...] = MODALITY_GROUPS
+    joint_tower: bool = False
 
     @classmethod
-    def fit(cls, data: SplitData, modalities: Sequence[str] = MODALITY_GROUPS) -> InputSpec:
+    def fit(
+        cls,
+        data: SplitData,
+        modalities: Sequence[str] = MODALITY_GROUPS,
+        joint_tower: bool = False,
+    ) -> InputSpec:
+        """`joint_tower`: also build the joint embedding (pricefuse.features.joint_embedding);
+        the text and image embeddings must then come from one joint model (same dim, else
+        ValueError)."""
+        if joint_tower:
+            check_joint_dims(data.text.shape[1], data.image.shape[1])
         unknown = sorted(set(modalities) - set(MODALITY_GROUPS))
         if unknown or not modalities:
             raise ValueError(
@@ -221,7 +237,13 @@ class InputSpec:
             log_price_range=(lo, hi),
             extra_numeric=extra,
             modalities=tuple(m for m in MODALITY_GROUPS if m in modalities),
+            joint_tower=joint_tower,
         )
+
+    @property
+    def joint_dim(self) -> int:
+        """Width of the joint embedding; 0 without the joint tower."""
+        return self.text_dim if self.joint_tower else 0
 
     @property
     def n_numeric(self) -> int:
@@ -262,12 +284,19 @@ class InputSpec:
             mask = np.zeros_like(mask)
         if "tabular" not in self.modalities:
             numeric, unit = np.zeros_like(numeric), np.zeros_like(unit)
+        # From the inputs as the head sees them: a left-out text or image is left out here too.
+        joint = (
+            joint_embedding(text, image, mask)
+            if self.joint_tower
+            else np.zeros((len(text), 0), dtype=np.float32)
+        )
         return FusionInputs(
             text=to_tensor(text, np.float32),
             image=to_tensor(image, np.float32),
             image_mask=to_tensor(mask, np.bool_),
             unit=to_tensor(unit, np.int64),
             numeric=to_tensor(numeric, np.float32),
+            joint=to_tensor(joint, np.float32),
         )
 
     def clip(self, log_pred: np.ndarray) -> np.ndarray:
@@ -287,4 +316,5 @@ class InputSpec:
             log_price_range=(float(raw["log_price_range"][0]), float(raw["log_price_range"][1])),
             extra_numeric=tuple(raw.get("extra_numeric", ())),
             modalities=tuple(raw.get("modalities", MODALITY_GROUPS)),
+            joint_tower=bool(raw.get("joint_tower", False)),
         )

@@ -1,9 +1,13 @@
 """The saved fusion model: the fold models of one training run, averaged.
 
-A fitted `InputSpec` and its trained `FusionHead` form a `FoldModel`; `FusionPredictor` is the
-fold models of one K-fold run, saved as `predictor.json` (specs and architectures, readable) +
-`fold_k.pt` (weights). The ensemble and the served model load it by the registry's string
+A fitted `InputSpec` and its trained head (pricefuse.models.heads) form a `FoldModel`;
+`FusionPredictor` is the fold models of one K-fold run, saved as `predictor.json` (specs and
+architectures, the head's `arch` name among them, readable) + `fold_k.pt` (weights).
+The ensemble and the served model load it by the registry's string
 `pricefuse.models.fusion_predictor:FusionPredictor` (pricefuse.members).
+
+Format 2 added the head's name and knobs; a format-1 manifest (written before there was a
+choice) loads as the gated residual head it is.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pricefuse.models.fusion import FusionArch, FusionHead
 from pricefuse.models.fusion_inputs import FusionInputs, InputSpec, SplitData, numeric_matrix
+from pricefuse.models.heads import FusionHeadBase, HeadArch, build_head
 
 if TYPE_CHECKING:
     from pricefuse.members import MemberBatch
@@ -27,7 +31,9 @@ if TYPE_CHECKING:
 # Rows per forward pass at prediction time: bounds memory for large test sets.
 PREDICT_BATCH = 8192
 MANIFEST = "predictor.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Manifests this version reads: 1 = gated residual only (no `arch` name in the fold arch).
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass
@@ -35,7 +41,7 @@ class FoldModel:
     """One fold's fitted spec and trained head."""
 
     spec: InputSpec
-    head: FusionHead
+    head: FusionHeadBase
 
     @torch.inference_mode()
     def predict_inputs(self, inputs: FusionInputs) -> np.ndarray:
@@ -122,11 +128,13 @@ class FusionPredictor:
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: not a fusion model directory")
         manifest = json.loads(path.read_text())
-        if manifest.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format {manifest.get('format')}, expected {FORMAT_VERSION}")
+        if manifest.get("format") not in READABLE_FORMATS:
+            raise ValueError(
+                f"{path}: format {manifest.get('format')}, expected one of {READABLE_FORMATS}"
+            )
         folds = []
         for entry in manifest["folds"]:
-            head = FusionHead(FusionArch.from_dict(entry["arch"]))
+            head = build_head(HeadArch.from_dict(entry["arch"]))
             state = torch.load(model_dir / entry["weights"], map_location="cpu", weights_only=True)
             head.load_state_dict(state)
             head.eval()

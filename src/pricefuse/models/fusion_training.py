@@ -8,6 +8,7 @@ rows); the fold models form the saved `FusionPredictor` (pricefuse.models.fusion
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -20,9 +21,9 @@ from tqdm.auto import tqdm
 
 from pricefuse.config import FusionConfig
 from pricefuse.metrics import smape_from_log
-from pricefuse.models.fusion import FusionArch, FusionHead
 from pricefuse.models.fusion_inputs import FusionInputs, InputSpec, SplitData, to_tensor
 from pricefuse.models.fusion_predictor import FoldModel, FusionPredictor
+from pricefuse.models.heads import FusionHeadBase, HeadArch, build_head
 from pricefuse.models.losses import LossFn, get_loss
 
 FOLD_COLUMN = "fold"
@@ -65,8 +66,37 @@ def _schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler
     return LambdaLR(optimizer, factor)
 
 
+def head_arch(cfg: FusionConfig, spec: InputSpec) -> HeadArch:
+    """The head `cfg.arch` over the inputs `spec` builds; the chosen head's own knobs come from
+    `fusion.heads.<arch>` (gated_residual has none there: hidden / n_blocks / dropout)."""
+    section = getattr(cfg.heads, cfg.arch, None)
+    return HeadArch(
+        text_dim=spec.text_dim,
+        image_dim=spec.image_dim,
+        n_units=spec.n_units,
+        n_numeric=spec.n_numeric,
+        hidden=cfg.hidden,
+        n_blocks=cfg.n_blocks,
+        dropout=cfg.dropout,
+        unit_dim=cfg.unit_dim,
+        arch=cfg.arch,
+        output=cfg.output,
+        joint_dim=spec.joint_dim,
+        options=dataclasses.asdict(section) if section is not None else {},
+    )
+
+
+def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row batches of `order`; a last batch of one row joins the one before: BatchNorm (the
+    projection_mlp, towers and dcn heads) cannot normalise a single row in training mode."""
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 def _train_epoch(
-    head: FusionHead,
+    head: FusionHeadBase,
     inputs: FusionInputs,
     target: torch.Tensor,
     batches: Sequence[torch.Tensor],
@@ -104,7 +134,7 @@ def train_fold(
     fifth of the training data for a small correction.
     """
     torch_seed, rng = _seeds(seed, fold)
-    spec = InputSpec.fit(train, cfg.modalities)
+    spec = InputSpec.fit(train, cfg.modalities, cfg.joint_tower)
     train_inputs = spec.build(train)
     target = train.target
     valid_inputs = spec.build(valid)
@@ -112,19 +142,13 @@ def train_fold(
     loss_fn = get_loss(cfg.loss)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
-        arch = FusionArch(
-            text_dim=spec.text_dim,
-            image_dim=spec.image_dim,
-            n_units=spec.n_units,
-            n_numeric=spec.n_numeric,
-            hidden=cfg.hidden,
-            n_blocks=cfg.n_blocks,
-            dropout=cfg.dropout,
-            unit_dim=cfg.unit_dim,
+        head = build_head(head_arch(cfg, spec))
+        head.set_target_scale(
+            float(target.mean()), float(target.std()), float(target.min()), float(target.max())
         )
-        head = FusionHead(arch)
-        head.set_target_scale(float(target.mean()), float(target.std()))
-        head.set_input_scale(train_inputs.text, train_inputs.image, train_inputs.image_mask)
+        head.set_input_scale(
+            train_inputs.text, train_inputs.image, train_inputs.image_mask, train_inputs.joint
+        )
         model = FoldModel(spec, head)
         # fused: one kernel for the whole update instead of a chain of per-tensor ops; measured
         # ~12% faster per step on CPU for this head.
@@ -142,7 +166,7 @@ def train_fold(
         )
         for epoch in epochs:
             order = torch.as_tensor(rng.permutation(n))
-            batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            batches = _batches(order, cfg.batch_size)
             history.train_loss.append(
                 _train_epoch(head, train_inputs, target_t, batches, loss_fn, optimizer, scheduler)
             )
