@@ -9,7 +9,8 @@ params in a fresh git + DVC repo) with the rows of `../shared/data/amazon2025` w
 real tests write them (`write_real_rows`: image links pointed at the shared image files; the
 first 300 test rows). `dvc repro <stages>` then runs in it (default: what the fusion head reads,
 i.e. the embeddings, the neighbour features and the linear member's OOF predictions). An
-existing directory is re-used: DVC re-runs only what changed. Nothing derived from the data
+existing directory is re-used with today's code and params (plus --set): DVC re-runs only
+what changed. Nothing derived from the data
 leaves that directory; keep it outside the repository. Benchmarks that train on these rows
 (`benchmarks/fusion_heads.py`, `benchmarks/text_cleaning.py`) take it as `--project`.
 """
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.real.test_real_pipeline import write_real_rows  # noqa: E402
-from tests.support import copy_project, deep_update  # noqa: E402
+from tests.support import copy_project, deep_update, refresh_project  # noqa: E402
 
 SHARED_DATA = ROOT.parent / "shared" / "data" / "amazon2025"
 DEFAULT_STAGES = ("neighbours", "train_linear")
@@ -62,11 +63,8 @@ def build(project: Path, stages: list[str], overrides: dict) -> Path:
     if not (project / "dvc.yaml").is_file():
         copy_project(project, wanted)
         write_real_rows(project, SHARED_DATA)
-    else:
-        params = yaml.safe_load((project / "params.yaml").read_text())
-        (project / "params.yaml").write_text(
-            yaml.safe_dump(deep_update(params, wanted), sort_keys=False)
-        )
+    else:  # today's code, pipeline and params (+ overrides); DVC re-runs what they change
+        refresh_project(project, wanted)
     subprocess.run(["dvc", "repro", *stages], cwd=project, check=True)
     return project
 

@@ -255,9 +255,9 @@ def tiny_joint_model(directory: Path, family: str) -> str:
     return str(directory)
 
 
-def copy_project(root: Path, overrides: dict) -> Path:
-    """Copy the project (code, pipeline, params with `overrides` merged) into `root` as a fresh,
-    committed git + DVC repo: what the integration and real tests and the benchmarks run in."""
+def refresh_project(root: Path, overrides: dict) -> Path:
+    """Copy the project's code, pipeline and params (with `overrides` merged) into `root`,
+    replacing what an earlier copy put there; data, outputs and the MLflow store stay."""
     import shutil
 
     import yaml
@@ -267,6 +267,7 @@ def copy_project(root: Path, overrides: dict) -> Path:
     for file in PROJECT_FILES:
         if (repo / file).exists():
             shutil.copy2(repo / file, root / file)
+    shutil.rmtree(root / "src", ignore_errors=True)
     shutil.copytree(
         repo / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
     )
@@ -275,6 +276,13 @@ def copy_project(root: Path, overrides: dict) -> Path:
         yaml.safe_dump(deep_update(params, overrides), sort_keys=False)
     )
     (root / ".gitignore").write_text((repo / ".gitignore").read_text())
+    return root
+
+
+def copy_project(root: Path, overrides: dict) -> Path:
+    """Copy the project (code, pipeline, params with `overrides` merged) into `root` as a fresh,
+    committed git + DVC repo: what the integration and real tests and the benchmarks run in."""
+    refresh_project(root, overrides)
     run_cmd(["git", "init", "-q"], root)
     run_cmd(["git", "config", "user.email", "ci@example.com"], root)
     run_cmd(["git", "config", "user.name", "ci"], root)

@@ -1,0 +1,120 @@
+"""OOF SMAPE of every fusion head and every fusion loss on the real rows, same inputs, same folds.
+
+    python benchmarks/real_project.py /tmp/pricefuse-real          # once: embed, neighbours, linear
+    python benchmarks/fusion_heads.py --project /tmp/pricefuse-real
+    python benchmarks/fusion_heads.py --project /tmp/pricefuse-real --losses none \
+        --set "fusion.modalities=[text,image,tabular]"
+    python benchmarks/fusion_heads.py --project /tmp/pricefuse-real --archs dcn --losses none
+
+What runs: the `train_fusion` stage's own rows (`fusion_member.load_split`: the parsed table,
+the neighbour features, the stacked linear member's OOF predictions and the embeddings of that
+project) and its own K-fold loop (`train_kfold`), once per configuration, with the project's
+params.yaml plus `--set` for all and one override per configuration:
+  every head of `--archs` (default: all of pricefuse.models.heads.HEADS) with the default loss;
+  every loss of `--losses` (default: all of pricefuse.models.losses, plus the schedules in
+  SCHEDULES) with the default head; a loss that needs the sigmoid readout gets
+  `fusion.output=sigmoid`.
+Each configuration is logged as a `train_fusion` run (params, smape_oof, smape_fold_k,
+train_seconds) in the MLflow experiment `--experiment` of the project's store, and the table
+and plot at the end are `pricefuse compare`'s over that experiment (written to `--out`), so
+`cd <project> && pricefuse compare --experiment fusion-heads` shows them again. Prints figures;
+not a test. Expect minutes per configuration on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import mlflow
+
+from pricefuse import compare, tracking
+from pricefuse.config import Params, flatten, load_params
+from pricefuse.models import losses
+from pricefuse.models.fusion_member import MEMBER, load_split
+from pricefuse.models.fusion_training import KFoldResult, train_kfold
+from pricefuse.models.heads import HEADS
+
+STAGE = "train_fusion"
+SCHEDULES = ("huber>smape", "mse>smape")
+BY = ("fusion.arch", "fusion.loss", "fusion.modalities")
+
+
+def configurations(archs: list[str], loss_names: list[str], default_loss: str) -> list[list[str]]:
+    """One override list per configuration: each head (default loss), then each other loss."""
+    configs = [[f"fusion.arch={arch}"] for arch in archs]
+    for name in loss_names:
+        if name == default_loss and archs:
+            continue  # already trained as the default head's run
+        override = [f"fusion.loss={name}"]
+        if losses.parse_loss_spec(name).needs_bounded_output:
+            override.append("fusion.output=sigmoid")
+        configs.append(override)
+    return configs
+
+
+def log_result(params: Params, result: KFoldResult, experiment: str, label: str) -> str:
+    """One FINISHED `train_fusion` run with the stage's tags, params and metrics; its id."""
+    tracking.configure(experiment)
+    data_md5 = tracking.files_md5([Path(params.data.train_csv), Path(params.data.test_csv)])
+    with mlflow.start_run(run_name=STAGE) as run:
+        mlflow.set_tags({"stage": STAGE, "data_md5": data_md5, "benchmark": "fusion_heads"})
+        mlflow.set_tag("mlflow.note.content", f"benchmarks/fusion_heads.py: {label}")
+        items = [(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 90):
+            mlflow.log_params(dict(items[start : start + 90]))
+        metrics = {"smape_oof": result.smape_oof, "train_seconds": result.seconds}
+        metrics.update({f"smape_fold_{k}": s for k, s in enumerate(result.fold_smape)})
+        mlflow.log_metrics(metrics)
+        return run.info.run_id
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--project", type=Path, required=True, help="benchmarks/real_project.py")
+    parser.add_argument("--archs", nargs="*", default=sorted(HEADS), help="'none' for no heads")
+    parser.add_argument("--losses", nargs="*", default=None, help="'none' for no loss runs")
+    parser.add_argument("--set", action="append", default=[], help="key=value for every run")
+    parser.add_argument("--experiment", default="fusion-heads")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/pricefuse-fusion-heads"))
+    args = parser.parse_args()
+
+    os.chdir(args.project)  # the project's relative data paths and its mlflow.db
+    base = load_params("params.yaml", args.set)
+    archs = [] if args.archs == ["none"] else args.archs
+    if args.losses is None:
+        loss_names = [*losses.LOSSES, *SCHEDULES]
+    else:
+        loss_names = [] if args.losses == ["none"] else args.losses
+    train = load_split(base, "train")
+    print(
+        f"{MEMBER}: {len(train)} train rows, {train.frame['fold'].nunique()} folds, project "
+        f"{args.project}; every run: {' '.join(args.set) or '(params.yaml)'}",
+        flush=True,
+    )
+    for overrides in configurations(archs, loss_names, base.fusion.loss):
+        params = load_params("params.yaml", [*args.set, *overrides])
+        label = " ".join(overrides)
+        result = train_kfold(train, params.fusion, params.seed, progress=True)
+        run_id = log_result(params, result, args.experiment, label)
+        epochs = [h.best_epoch for h in result.histories.values()]
+        folds = " ".join(f"{s:.2f}" for s in result.fold_smape)
+        print(
+            f"{label:<42} OOF SMAPE {result.smape_oof:7.3f}  folds [{folds}]  best epochs "
+            f"{epochs}  {result.seconds:5.0f} s  run {run_id[:8]}",
+            flush=True,
+        )
+    uri = tracking.default_tracking_uri()
+    runs = compare.load_runs(args.experiment, STAGE, uri)
+    result = compare.compare_runs(runs, STAGE, BY)
+    csv_path, png_path = compare.write_outputs(result, args.out)
+    print("\n" + result.to_text())
+    best = result.table.iloc[0]
+    chosen = ", ".join(f"{key}={best[key]}" for key in BY)
+    print(f"\nbest: {chosen} (OOF SMAPE {best['smape_oof_best']:.3f})")
+    print(f"wrote {csv_path} and {png_path}")
+
+
+if __name__ == "__main__":
+    main()
