@@ -23,7 +23,7 @@ from pricefuse.metrics import smape_from_log
 from pricefuse.models.fusion import FusionArch, FusionHead
 from pricefuse.models.fusion_inputs import FusionInputs, InputSpec, SplitData, to_tensor
 from pricefuse.models.fusion_predictor import FoldModel, FusionPredictor
-from pricefuse.models.losses import LossFn, get_loss
+from pricefuse.models.losses import LossFn, build_loss_plan, parse_loss
 
 FOLD_COLUMN = "fold"
 # Global gradient norm cap: one exploding batch (a mispriced listing) must not wreck a fold.
@@ -109,7 +109,9 @@ def train_fold(
     target = train.target
     valid_inputs = spec.build(valid)
     valid_target = valid.target
-    loss_fn = get_loss(cfg.loss)
+    plan = build_loss_plan(cfg, target)
+    # Today's head has only the affine readout; the heads' `output` option replaces this literal.
+    plan.check_head_output("affine")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
         arch = FusionArch(
@@ -143,6 +145,7 @@ def train_fold(
         for epoch in epochs:
             order = torch.as_tensor(rng.permutation(n))
             batches = [order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
+            loss_fn = plan.loss_for_epoch(epoch, cfg.epochs)
             history.train_loss.append(
                 _train_epoch(head, train_inputs, target_t, batches, loss_fn, optimizer, scheduler)
             )
@@ -152,7 +155,10 @@ def train_fold(
             if val_smape < best_smape:
                 best_smape, history.best_epoch = val_smape, epoch + 1
                 best_state = copy.deepcopy(head.state_dict())
-            elif epoch + 1 - history.best_epoch >= cfg.patience:
+            # Patience counts from the loss switch at the earliest: a schedule's last phase runs.
+            elif epoch + 1 - max(history.best_epoch, plan.last_phase_start(cfg.epochs)) >= (
+                cfg.patience
+            ):
                 break
         head.load_state_dict(best_state)
         head.eval()
@@ -187,6 +193,7 @@ def train_kfold(
     folds = sorted(set(fold_ids.tolist()))
     if len(folds) < 2 or folds != list(range(len(folds))):
         raise ValueError(f"fold ids must be 0..K-1 with K >= 2, got {folds}")
+    parse_loss(cfg)  # a bad fusion.loss fails before any fold trains
     target = train.target
     started = time.perf_counter()
     oof = np.full(len(train), np.nan)
