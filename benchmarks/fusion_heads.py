@@ -11,8 +11,8 @@ the neighbour features, the stacked linear member's OOF predictions and the embe
 project) and its own K-fold loop (`train_kfold`), once per configuration, with the project's
 params.yaml plus `--set` for all and one override per configuration:
   every head of `--archs` (default: all of pricefuse.models.heads.HEADS) with the default loss;
-  every loss of `--losses` (default: all of pricefuse.models.losses, plus the schedules in
-  SCHEDULES) with the default head; a loss that needs the sigmoid readout gets
+  every loss of `--losses` (default: pricefuse.models.losses.LOSS_NAMES, plus the schedules
+  in SCHEDULES) with the default head; a loss that needs the sigmoid readout gets
   `fusion.output=sigmoid`.
 Each configuration is logged as a `train_fusion` run (params, smape_oof, smape_fold_k,
 train_seconds) in the MLflow experiment `--experiment` of the project's store, and the table
@@ -48,7 +48,7 @@ def configurations(archs: list[str], loss_names: list[str], default_loss: str) -
         if name == default_loss and archs:
             continue  # already trained as the default head's run
         override = [f"fusion.loss={name}"]
-        if losses.parse_loss_spec(name).needs_bounded_output:
+        if set(name.split(losses.PHASE_SEPARATOR)) & losses.BOUNDED_LOSSES:
             override.append("fusion.output=sigmoid")
         configs.append(override)
     return configs
@@ -84,7 +84,7 @@ def main() -> None:
     base = load_params("params.yaml", args.set)
     archs = [] if args.archs == ["none"] else args.archs
     if args.losses is None:
-        loss_names = [*losses.LOSSES, *SCHEDULES]
+        loss_names = [*losses.LOSS_NAMES, *SCHEDULES]
     else:
         loss_names = [] if args.losses == ["none"] else args.losses
     train = load_split(base, "train")

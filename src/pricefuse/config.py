@@ -180,6 +180,9 @@ class FusionConfig:
     unit_dim: int
     patience: int
     loss: str
+    loss_switch: float
+    huber_delta: float
+    smooth_l1_beta: float
     modalities: tuple[str, ...]
     stack_members: tuple[str, ...]
     arch: str

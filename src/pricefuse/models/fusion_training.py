@@ -24,7 +24,7 @@ from pricefuse.metrics import smape_from_log
 from pricefuse.models.fusion_inputs import FusionInputs, InputSpec, SplitData, to_tensor
 from pricefuse.models.fusion_predictor import FoldModel, FusionPredictor
 from pricefuse.models.heads import FusionHeadBase, HeadArch, build_head
-from pricefuse.models.losses import LossFn, get_loss
+from pricefuse.models.losses import LossFn, build_loss_plan, parse_loss
 
 FOLD_COLUMN = "fold"
 # Global gradient norm cap: one exploding batch (a mispriced listing) must not wreck a fold.
@@ -139,13 +139,15 @@ def train_fold(
     target = train.target
     valid_inputs = spec.build(valid)
     valid_target = valid.target
-    loss_fn = get_loss(cfg.loss)
+    plan = build_loss_plan(cfg, target)
+    arch = head_arch(cfg, spec)
+    plan.check_head_output(arch.output)  # minmax_bce needs `fusion.output: sigmoid`
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed)
-        head = build_head(head_arch(cfg, spec))
-        head.set_target_scale(
-            float(target.mean()), float(target.std()), float(target.min()), float(target.max())
-        )
+        head = build_head(arch)
+        # The sigmoid readout's range is the one the loss plan scales by (training min/max).
+        bounds = plan.target_range
+        head.set_target_scale(float(target.mean()), float(target.std()), bounds.lo, bounds.hi)
         head.set_input_scale(
             train_inputs.text, train_inputs.image, train_inputs.image_mask, train_inputs.joint
         )
@@ -167,6 +169,7 @@ def train_fold(
         for epoch in epochs:
             order = torch.as_tensor(rng.permutation(n))
             batches = _batches(order, cfg.batch_size)
+            loss_fn = plan.loss_for_epoch(epoch, cfg.epochs)
             history.train_loss.append(
                 _train_epoch(head, train_inputs, target_t, batches, loss_fn, optimizer, scheduler)
             )
@@ -176,7 +179,10 @@ def train_fold(
             if val_smape < best_smape:
                 best_smape, history.best_epoch = val_smape, epoch + 1
                 best_state = copy.deepcopy(head.state_dict())
-            elif epoch + 1 - history.best_epoch >= cfg.patience:
+            # Patience counts from the loss switch at the earliest: a schedule's last phase runs.
+            elif epoch + 1 - max(history.best_epoch, plan.last_phase_start(cfg.epochs)) >= (
+                cfg.patience
+            ):
                 break
         head.load_state_dict(best_state)
         head.eval()
@@ -211,6 +217,7 @@ def train_kfold(
     folds = sorted(set(fold_ids.tolist()))
     if len(folds) < 2 or folds != list(range(len(folds))):
         raise ValueError(f"fold ids must be 0..K-1 with K >= 2, got {folds}")
+    parse_loss(cfg)  # a bad fusion.loss fails before any fold trains
     target = train.target
     started = time.perf_counter()
     oof = np.full(len(train), np.nan)
