@@ -1,14 +1,18 @@
 """The preprocess text options and the training-price outlier filter on the real train rows.
 
-    python benchmarks/text_cleaning.py                 # linear member, name and text views
-    python benchmarks/text_cleaning.py --embed         # + MiniLM embedding ridge (slow once)
-    python benchmarks/text_cleaning.py --embed --no-linear
+    python benchmarks/text_cleaning.py                          # linear member, both views
+    python benchmarks/text_cleaning.py --heads minilm tabular   # (MiniLM: slow once, cached)
 
 Per option (`off`, each text option alone, the outlier filter at 0.5% and 1%): how many rows'
-text it changes and the 5-fold OOF SMAPE (%, on prices) of
-  linear name / linear text  the pipeline's linear member (`pricefuse.models.linear`,
+text it changes and the 5-fold OOF SMAPE (%, on prices) of each head in --heads:
+  linear_name / linear_text  the pipeline's linear member (`pricefuse.models.linear`,
                              params.yaml's `linear:` but the view) on the `name` / `text` view;
-  minilm ridge               (--embed) RidgeCV on the default text tower's embeddings of `text`.
+  minilm                     RidgeCV on the default text tower's (`embed.text_model`) embeddings
+                             of `text`;
+  tabular                    LightGBM (params.yaml's gbdt.lightgbm, n_estimators, learning rate,
+                             no early stopping) on `parsed_features`, the boosters' parsed
+                             columns, which numbers_as_words also changes (`name_n_numbers`,
+                             `name_log_max_number` count digits in the item name).
 Rows, parsing and folds are the pipeline's: `read_raw`, `clean_prices`, `parse_frame`,
 `assign_folds` (on the text as written, as preprocess does, so every option scores on the same
 folds), then `clean_parsed` with the option. The outlier filter drops rows of the training
@@ -30,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import LinearConfig, PreprocessConfig, load_params
+from pricefuse.config import GbdtConfig, LinearConfig, PreprocessConfig, load_params
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.preprocess import assign_folds, clean_prices, price_outliers
 from pricefuse.data.raw import read_raw
 from pricefuse.data.text_clean import changed_rows, clean_parsed
+from pricefuse.features.tabular import parsed_features
 from pricefuse.layout import FOLD, LOG_PRICE, TEXT
 from pricefuse.metrics import smape_from_log
 from pricefuse.models.linear import LinearPredictor
@@ -54,6 +59,7 @@ OPTIONS: dict[str, dict[str, object]] = {
 }
 
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train idx, held idx) -> log preds
+HEADS = ("linear_name", "linear_text", "minilm", "tabular")
 
 
 def load_rows(csv: Path, cfg: PreprocessConfig, seed: int) -> pd.DataFrame:
@@ -79,6 +85,27 @@ def linear_fit_predict(cfg: LinearConfig, parsed: pd.DataFrame, y: np.ndarray) -
     def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
         model = LinearPredictor.fit(cfg, parsed.iloc[train], y[train])
         return model.predict(parsed.iloc[held])
+
+    return fit_predict
+
+
+def tabular_fit_predict(
+    gbdt: GbdtConfig, parsed: pd.DataFrame, y: np.ndarray, seed: int
+) -> FitPredict:
+    import lightgbm
+
+    features = parsed_features(parsed).to_numpy(np.float64)
+
+    def fit_predict(train: np.ndarray, held: np.ndarray) -> np.ndarray:
+        model = lightgbm.LGBMRegressor(
+            n_estimators=gbdt.n_estimators,
+            learning_rate=gbdt.learning_rate,
+            num_leaves=gbdt.lightgbm.num_leaves,
+            min_child_samples=gbdt.lightgbm.min_child_samples,
+            random_state=seed,
+            verbose=-1,
+        )
+        return model.fit(features[train], y[train]).predict(features[held])
 
     return fit_predict
 
@@ -133,10 +160,7 @@ class EmbeddingCache:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--csv", type=Path, default=TRAIN_CSV)
-    parser.add_argument("--embed", action="store_true", help="also score a MiniLM ridge")
-    parser.add_argument(
-        "--linear", action=argparse.BooleanOptionalAction, default=True, help="score the linear"
-    )
+    parser.add_argument("--heads", nargs="+", default=list(HEADS[:2]), choices=HEADS)
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/pricefuse-text-cleaning"))
     args = parser.parse_args()
@@ -146,38 +170,36 @@ def main() -> None:
     parsed = load_rows(args.csv, base, params.seed)
     y = parsed[LOG_PRICE].to_numpy(np.float64)
     folds = parsed[FOLD].to_numpy()
-    views = {view: dataclasses.replace(params.linear, view=view) for view in ("name", "text")}
-    cache = None
-    if args.embed:
-        embed = params.embed
-        cache = EmbeddingCache(
-            embed.text_model, embed.text_max_length, embed.text_batch_size, args.cache
-        )
+    embed = params.embed
+    cache = EmbeddingCache(
+        embed.text_model, embed.text_max_length, embed.text_batch_size, args.cache
+    )
+
+    def head(name: str, table: pd.DataFrame) -> FitPredict:
+        if name.startswith("linear_"):
+            view = dataclasses.replace(params.linear, view=name.removeprefix("linear_"))
+            return linear_fit_predict(view, table, y)
+        if name == "minilm":
+            return ridge_fit_predict(cache.embed(table[TEXT].tolist()), y)
+        return tabular_fit_predict(params.gbdt, table, y, params.seed)
+
     print(
         f"{len(y)} train rows, {len(np.unique(folds))} group folds of "
         f"{np.bincount(folds).tolist()} rows; OOF SMAPE (%) on every held-out row"
     )
-    header = f"{'option':<24} {'changed':>8} {'linear name':>12} {'linear text':>12}"
-    lines = [header + (f" {'minilm ridge':>13}" if cache else "") + f" {'seconds':>8}"]
+    lines = [f"{'option':<24} {'changed':>8} " + " ".join(f"{h:>12}" for h in args.heads)]
+    lines[0] += f" {'seconds':>8}"
     print(lines[0], flush=True)
     for label in args.options:
         started = time.perf_counter()
         cfg = dataclasses.replace(base, **OPTIONS[label])
         cleaned = clean_parsed(parsed, cfg)
         scores = [
-            smape_from_log(
-                y, oof(y, folds, cfg.outlier_quantile, linear_fit_predict(view, cleaned, y))
-            )
-            if args.linear
-            else float("nan")
-            for view in views.values()
+            smape_from_log(y, oof(y, folds, cfg.outlier_quantile, head(name, cleaned)))
+            for name in args.heads
         ]
-        if cache is not None:
-            emb = cache.embed(cleaned[TEXT].tolist())
-            ridge = oof(y, folds, cfg.outlier_quantile, ridge_fit_predict(emb, y))
-            scores.append(smape_from_log(y, ridge))
         line = f"{label:<24} {changed_rows(parsed, cleaned):>8} " + " ".join(
-            f"{s:>{12 if i < 2 else 13}.3f}" for i, s in enumerate(scores)
+            f"{score:>12.3f}" for score in scores
         )
         lines.append(f"{line} {time.perf_counter() - started:>8.0f}")
         print(lines[-1], flush=True)

@@ -1,7 +1,8 @@
 """Text cleaning options for the parsed catalog fields (SPAM_LLMs' preprocessing), as params.
 
-Three options, each a `preprocess` param, all off by default because none measurably helped
-on the real rows (figures in the README, from `benchmarks/text_cleaning.py`):
+Three options, each a `preprocess` param, all off by default: on the real rows none helped
+every member (figures in the README, from `benchmarks/text_cleaning.py`; numbers_as_words
+helps the linear member but erases the digits the boosters' name features count):
 
 - `remove_emoji`: pictographs, dingbats, flags, keycaps, skin tones, variation selectors and
   the zero-width joiners that glue them into one glyph are dropped. A regex over the Unicode
