@@ -143,3 +143,26 @@ def test_options_clean_the_word_columns_only() -> None:
     numbers = ["value", "unit", "pack", "quantity", "n_bullets", "text_len", "value_missing"]
     pd.testing.assert_frame_equal(cleaned[numbers], raw[numbers])  # parsed before cleaning
     assert cleaned["pack"].tolist() == [3, 1]
+
+
+class _Encoded(Exception):
+    """Raised by the stand-in text encoder with the texts the served model handed it."""
+
+
+class _TextsOnly:
+    def encode(self, texts) -> None:
+        raise _Encoded(list(texts))
+
+
+def test_served_model_cleans_a_request_with_its_params_snapshot() -> None:
+    from pricefuse.serving import PriceEnsembleModel
+
+    options = {"remove_emoji": True, "numbers_as_words": True, "text_body": "bullets5"}
+    model = PriceEnsembleModel()
+    model.params = project_params(preprocess=options)
+    model.text_encoder = _TextsOnly()  # stops the request at the encoder, texts in hand
+    with pytest.raises(_Encoded) as encoded:
+        model.predict_prices(_rows(), [None, None], level=0.8)
+    expected, _ = parse_products(_rows(), _cfg(**options))
+    assert encoded.value.args[0] == expected["text"].tolist()
+    assert encoded.value.args[0][0].startswith("Tea twelve oz (Pack of three)\nbullet a")
