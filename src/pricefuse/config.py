@@ -80,6 +80,10 @@ class FetchConfig:
 class PreprocessConfig:
     n_folds: int
     min_price: float
+    outlier_quantile: float
+    remove_emoji: bool
+    numbers_as_words: bool
+    text_body: str
 
 
 @dataclass(frozen=True)

@@ -132,12 +132,13 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
     def _predict_prices(
         self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any
     ) -> pd.DataFrame:
-        from pricefuse.data.catalog import parse_frame
+        from pricefuse.data.text_clean import parse_products
         from pricefuse.members import MemberBatch
         from pricefuse.models.ensemble import meta_features, to_price
 
         with watch("parse"):
-            parsed, _report = parse_frame(rows)
+            # the text options of the params snapshot: a request is cleaned as training was
+            parsed, _report = parse_products(rows, self.params.preprocess)
         with watch("text encoder"):
             text_emb = self.text_encoder.encode(list(parsed["text"]))
         with watch("image encoder"):

@@ -8,10 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricefuse.data.catalog import PARSED_COLUMNS
+from pricefuse.data.catalog import PARSED_COLUMNS, parse_frame
 from pricefuse.data.demo import generate_demo
-from pricefuse.data.preprocess import DROP_REASONS, clean_prices, preprocess
+from pricefuse.data.preprocess import (
+    DROP_REASONS,
+    check_options,
+    clean_prices,
+    preprocess,
+    price_outliers,
+)
 from pricefuse.data.raw import read_raw, read_raw_splits
+from pricefuse.data.text_clean import parse_products
 from pricefuse.errors import StageError
 from pricefuse.layout import MANIFEST_COLUMNS, Layout
 from pricefuse.stages import preprocess as stage
@@ -165,6 +172,7 @@ def test_core_returns_the_record_without_mlflow(project: Path, no_mlflow: None) 
                 "price_not_numeric": 1,
                 "price_not_finite": 1,
                 "price_below_min": 1,
+                "price_outlier": 0,
             },
             "n_folds": 3,
             "image_manifest": False,
@@ -201,3 +209,76 @@ def test_read_raw_fills_missing_image_links(tmp_path: Path) -> None:
     path.write_text('sample_id,catalog_content\n1,"unclosed\n')
     with pytest.raises(StageError, match="not a readable CSV"):
         read_raw(path, "test")
+
+
+def _run_core(**options) -> tuple[dict[str, float], pd.DataFrame, pd.DataFrame]:
+    """preprocess with `options` over n_folds=3: (metrics, train table, test table)."""
+    params = _params(preprocess={"n_folds": 3, **options})
+    layout = Layout(params.data)
+    raw = read_raw_splits(params.data)
+    result = preprocess(raw["train"], raw["test"], params.preprocess, params.seed, layout)
+    return (
+        result.metrics,
+        pd.read_parquet(layout.parsed("train")),
+        pd.read_parquet(layout.parsed("test")),
+    )
+
+
+def test_price_outliers_are_strictly_outside_the_quantiles() -> None:
+    prices = np.arange(1.0, 101.0)  # quantiles 0.05 / 0.95: 5.95 and 95.05
+    assert np.flatnonzero(price_outliers(prices, 0.05)).tolist() == [0, 1, 2, 3, 4, *range(95, 100)]
+    assert not price_outliers(prices, 0.0).any()
+    assert not price_outliers(np.full(50, 3.0), 0.01).any()  # ties at the quantile stay
+
+
+def test_outlier_filter_drops_train_rows_only_and_counts_them(
+    project: Path, no_mlflow: None
+) -> None:
+    params = _params()
+    raw = read_raw_splits(params.data)
+    valid, _ = clean_prices(raw["train"], params.preprocess.min_price)
+    low, high = np.quantile(valid["price"], [0.05, 0.95])
+    expected = valid.loc[valid["price"].between(low, high), "sample_id"].tolist()
+
+    metrics, train, test = _run_core(outlier_quantile=0.05)
+    assert train["sample_id"].tolist() == expected
+    assert metrics["dropped_price_outlier"] == len(valid) - len(expected) > 0
+    assert metrics["dropped_total"] == len(BAD_PRICES) + metrics["dropped_price_outlier"]
+    assert len(test) == DEMO["n_test"]  # test rows are never filtered
+
+
+def test_every_option_off_writes_todays_tables(project: Path, no_mlflow: None) -> None:
+    params = _params()
+    metrics, train, test = _run_core()
+    valid, _ = clean_prices(read_raw_splits(params.data)["train"], params.preprocess.min_price)
+    for table, raw in ((train, valid), (test, read_raw_splits(params.data)["test"])):
+        parse_frame(raw)[0].to_parquet(project / "expected.parquet")  # as today's code wrote
+        expected = pd.read_parquet(project / "expected.parquet")
+        pd.testing.assert_frame_equal(table[expected.columns], expected)
+    assert metrics["text_cleaned_train"] == metrics["text_cleaned_test"] == 0
+
+
+def test_text_options_apply_as_serving_does_and_keep_the_folds(
+    project: Path, no_mlflow: None
+) -> None:
+    _, plain, _ = _run_core()
+    options = {"remove_emoji": True, "numbers_as_words": True, "text_body": "bullets5"}
+    metrics, train, test = _run_core(**options)
+    assert train["fold"].tolist() == plain["fold"].tolist()  # folds read the text as written
+    assert metrics["text_cleaned_train"] > 0
+    assert not train["item_name"].str.contains(r"(?<![A-Za-z0-9])\d", regex=True).any()
+    assert train["value"].tolist() == plain["value"].tolist()
+    # the served model parses a request with the same options and gets the same text
+    cfg = _params(preprocess=options).preprocess
+    served, _ = parse_products(read_raw_splits(_params().data)["test"], cfg)
+    for column in ("item_name", "description", "text"):
+        assert test[column].tolist() == served[column].tolist()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"outlier_quantile": 0.5}, "outlier_quantile"), ({"text_body": "bullets"}, "text_body")],
+)
+def test_bad_options_are_stage_errors(options: dict, message: str) -> None:
+    with pytest.raises(StageError, match=message):
+        check_options(_params(preprocess=options).preprocess)
