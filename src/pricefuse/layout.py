@@ -30,6 +30,8 @@ def image_manifest(images_dir: Path | str) -> Path:
 # preprocess: parsed table per split (parquet), row order = raw CSV order minus dropped rows.
 ID = "sample_id"
 TEXT = "text"  # the encoder input: item name + bullets + description
+# The item name before the preprocess text options (only present when an option is on).
+NAME_AS_WRITTEN = "item_name_as_written"
 LOG_PRICE = "log_price"  # log1p(price); train only
 PRICE = "price"
 FOLD = "fold"  # 0..n_folds-1 on train, -1 on test

@@ -145,6 +145,18 @@ def test_options_clean_the_word_columns_only() -> None:
     assert cleaned["pack"].tolist() == [3, 1]
 
 
+def test_the_boosters_name_features_read_the_name_as_written() -> None:
+    from pricefuse.features.tabular import parsed_features
+
+    raw, _ = parse_frame(_rows())
+    cfg = _cfg(remove_emoji=True, numbers_as_words=True, text_body="bullets5")
+    cleaned, _ = parse_products(_rows(), cfg)
+    assert cleaned["item_name"][0] != raw["item_name"][0]  # the digits became words ...
+    before, after = parsed_features(raw), parsed_features(cleaned)
+    assert before["name_n_numbers"][0] == 2  # ... but "12 oz (Pack of 3)" still has 2 numbers
+    pd.testing.assert_frame_equal(after, before)
+
+
 class _Encoded(Exception):
     """Raised by the stand-in text encoder with the texts the served model handed it."""
 

@@ -1,8 +1,10 @@
 """Text cleaning options for the parsed catalog fields (SPAM_LLMs' preprocessing), as params.
 
 Three options, each a `preprocess` param, all off by default: on the real rows none helped
-every member (figures in the README, from `benchmarks/text_cleaning.py`; numbers_as_words
-helps the linear member but erases the digits the boosters' name features count):
+every member (figures in the README, from `benchmarks/text_cleaning.py`). The boosters' name
+features (pricefuse.features.tabular: how many numbers the name holds, the largest, its length,
+keywords) read the name as written (column NAME_AS_WRITTEN, added when an option is on), so
+the options change what the text readers see and never those features:
 
 - `remove_emoji`: pictographs, dingbats, flags, keycaps, skin tones, variation selectors and
   the zero-width joiners that glue them into one glyph are dropped. A regex over the Unicode
@@ -37,6 +39,7 @@ import pandas as pd
 
 from pricefuse.config import PreprocessConfig
 from pricefuse.data.catalog import CatalogFields, ParseReport, parse_frame
+from pricefuse.layout import NAME_AS_WRITTEN
 
 TEXT_BODIES = ("all", "description", "bullets5")
 BULLETS_KEPT = 5  # SPAM_LLMs kept the first five bullet points
@@ -178,6 +181,7 @@ def clean_parsed(parsed: pd.DataFrame, cfg: PreprocessConfig) -> pd.DataFrame:
             )
         )
     out = parsed.copy()
+    out[NAME_AS_WRITTEN] = parsed["item_name"]  # the boosters' name features read digits
     out["item_name"] = [f.item_name for f in fields]
     out["bullets"] = [list(f.bullets) for f in fields]
     out["description"] = [f.description for f in fields]

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from pricefuse import compat
+from pricefuse.layout import NAME_AS_WRITTEN
 
 # scikit-learn loads libgomp, which reads OMP_WAIT_POLICY once and shares itself with the
 # boosters loaded later; so the default is set before sklearn is first imported (lazily, below).
@@ -238,7 +239,10 @@ def parsed_features(parsed: pd.DataFrame) -> pd.DataFrame:
     out["log_value"] = _safe_log1p(out["value"])
     out["log_quantity_per_pack"] = _safe_log1p(out["quantity"] / pack)
     out["log_quantity_times_pack"] = _safe_log1p(out["quantity"] * pack)
-    names = parsed["item_name"].fillna("").astype(str).tolist()
+    # The name as written: the preprocess text options (numbers as words) must not erase the
+    # digits these features count.
+    name_column = NAME_AS_WRITTEN if NAME_AS_WRITTEN in parsed.columns else "item_name"
+    names = parsed[name_column].fillna("").astype(str).tolist()
     largest, counts = _name_numbers(names)
     out["name_log_max_number"] = _safe_log1p(largest)
     out["name_n_numbers"] = counts
