@@ -11,8 +11,8 @@ text it changes and the 5-fold OOF SMAPE (%, on prices) of each head in --heads:
                              of `text`;
   tabular                    LightGBM (params.yaml's gbdt.lightgbm, n_estimators, learning rate,
                              no early stopping) on `parsed_features`, the boosters' parsed
-                             columns, which numbers_as_words also changes (`name_n_numbers`,
-                             `name_log_max_number` count digits in the item name).
+                             columns (their name features read the name as written, so no
+                             text option changes them; the outlier filter does).
 Rows, parsing and folds are the pipeline's: `read_raw`, `clean_prices`, `parse_frame`,
 `assign_folds` (on the text as written, as preprocess does, so every option scores on the same
 folds), then `clean_parsed` with the option. The outlier filter drops rows of the training
