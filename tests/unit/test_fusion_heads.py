@@ -255,7 +255,8 @@ def test_head_arch_takes_the_chosen_heads_knobs() -> None:
     spec = InputSpec.fit(synthetic(40, seed=3))
     dcn = head_arch(dataclasses.replace(TINY_CFG, arch="dcn"), spec)
     assert dcn.options == dataclasses.asdict(TINY.dcn) and dcn.joint_dim == 0
-    assert head_arch(TINY_CFG, spec).options == {}  # gated_residual: fusion.hidden etc.
+    gated = dataclasses.replace(TINY_CFG, arch="gated_residual")
+    assert head_arch(gated, spec).options == {}  # gated_residual: fusion.hidden etc.
 
 
 def test_a_last_batch_of_one_row_still_trains_batchnorm_heads() -> None:

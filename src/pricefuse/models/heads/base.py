@@ -177,8 +177,7 @@ class FusionHeadBase(nn.Module, ABC):
             self.image_mean.copy_(with_image.mean(0))
             self.image_std.copy_(with_image.std(0, unbiased=False).clamp_min(1e-6))
         if self.arch.joint_dim:
-            if joint is None or joint.shape[1] != self.arch.joint_dim:
-                raise ValueError(f"this head takes a joint embedding of {self.arch.joint_dim} dims")
+            joint = self._checked_joint(joint)
             self.joint_mean.copy_(joint.mean(0))
             self.joint_std.copy_(joint.std(0, unbiased=False).clamp_min(1e-6))
 
@@ -201,10 +200,14 @@ class FusionHeadBase(nn.Module, ABC):
             "numeric": numeric,
         }
         if self.arch.joint_dim:
-            if joint is None or joint.shape[-1] != self.arch.joint_dim:
-                raise ValueError(f"this head takes a joint embedding of {self.arch.joint_dim} dims")
-            parts["joint"] = (joint - self.joint_mean) / self.joint_std
+            parts["joint"] = (self._checked_joint(joint) - self.joint_mean) / self.joint_std
         return parts, mask
+
+    def _checked_joint(self, joint: torch.Tensor | None) -> torch.Tensor:
+        """The joint embedding a head built with a joint tower needs, of its width."""
+        if joint is None or joint.shape[-1] != self.arch.joint_dim:
+            raise ValueError(f"this head takes a joint embedding of {self.arch.joint_dim} dims")
+        return joint
 
     def readout(self, raw: torch.Tensor) -> torch.Tensor:
         """log1p price from the raw output (see the module docstring)."""
