@@ -1,10 +1,11 @@
 """Text cleaning options for the parsed catalog fields (SPAM_LLMs' preprocessing), as params.
 
-Three options, each a `preprocess` param, all off by default: on the real rows none helped
-every member (figures in the README, from `benchmarks/text_cleaning.py`). The boosters' name
-features (pricefuse.features.tabular: how many numbers the name holds, the largest, its length,
-keywords) read the name as written (column NAME_AS_WRITTEN, added when an option is on), so
-the options change what the text readers see and never those features:
+Three options, each a `preprocess` param; only `numbers_as_words` is on by default, the one
+that measured better on the real rows (figures in the README, from `benchmarks/text_cleaning.py`
+and an A/B of the whole pipeline). The boosters' name features (pricefuse.features.tabular: how
+many numbers the name holds, the largest, its length, keywords) read the name as written
+(column NAME_AS_WRITTEN, added when an option is on), so the options change what the text
+readers see and never those features:
 
 - `remove_emoji`: pictographs, dingbats, flags, keycaps, skin tones, variation selectors and
   the zero-width joiners that glue them into one glyph are dropped. A regex over the Unicode
