@@ -39,7 +39,7 @@ from pricefuse.config import GbdtConfig, LinearConfig, PreprocessConfig, load_pa
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.preprocess import assign_folds, clean_prices, price_outliers
 from pricefuse.data.raw import read_raw
-from pricefuse.data.text_clean import changed_rows, clean_parsed
+from pricefuse.data.text_clean import TEXT_OPTIONS_OFF, changed_rows, clean_parsed
 from pricefuse.features.tabular import parsed_features
 from pricefuse.layout import FOLD, LOG_PRICE, TEXT
 from pricefuse.metrics import smape_from_log
@@ -59,12 +59,7 @@ OPTIONS: dict[str, dict[str, object]] = {
     "outlier_quantile=0.01": {"outlier_quantile": 0.01},
 }
 
-ALL_OFF: dict[str, object] = {
-    "outlier_quantile": 0.0,
-    "remove_emoji": False,
-    "numbers_as_words": False,
-    "text_body": "all",
-}
+ALL_OFF: dict[str, object] = {"outlier_quantile": 0.0, **TEXT_OPTIONS_OFF}
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train idx, held idx) -> log preds
 HEADS = ("linear_name", "linear_text", "minilm", "tabular")
 

@@ -18,7 +18,7 @@ from pricefuse.data.preprocess import (
     price_outliers,
 )
 from pricefuse.data.raw import read_raw, read_raw_splits
-from pricefuse.data.text_clean import parse_products
+from pricefuse.data.text_clean import TEXT_OPTIONS_OFF, parse_products
 from pricefuse.errors import StageError
 from pricefuse.layout import MANIFEST_COLUMNS, Layout
 from pricefuse.stages import preprocess as stage
@@ -249,7 +249,7 @@ def test_outlier_filter_drops_train_rows_only_and_counts_them(
 
 def test_every_option_off_writes_todays_tables(project: Path, no_mlflow: None) -> None:
     params = _params()
-    metrics, train, test = _run_core()
+    metrics, train, test = _run_core(**TEXT_OPTIONS_OFF)
     valid, _ = clean_prices(read_raw_splits(params.data)["train"], params.preprocess.min_price)
     for table, raw in ((train, valid), (test, read_raw_splits(params.data)["test"])):
         parse_frame(raw)[0].to_parquet(project / "expected.parquet")  # as today's code wrote
@@ -261,7 +261,7 @@ def test_every_option_off_writes_todays_tables(project: Path, no_mlflow: None) -
 def test_text_options_apply_as_serving_does_and_keep_the_folds(
     project: Path, no_mlflow: None
 ) -> None:
-    _, plain, _ = _run_core()
+    _, plain, _ = _run_core(**TEXT_OPTIONS_OFF)
     options = {"remove_emoji": True, "numbers_as_words": True, "text_body": "bullets5"}
     metrics, train, test = _run_core(**options)
     assert train["fold"].tolist() == plain["fold"].tolist()  # folds read the text as written

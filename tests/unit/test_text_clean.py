@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from pricefuse.data.catalog import format_catalog, parse_frame
 from pricefuse.data.text_clean import (
+    TEXT_OPTIONS_OFF,
     clean_parsed,
     integer_words,
     numbers_to_words,
@@ -17,7 +18,7 @@ from pricefuse.data.text_clean import (
 )
 from tests.support import project_params
 
-OFF = project_params().preprocess
+OFF = dataclasses.replace(project_params().preprocess, **TEXT_OPTIONS_OFF)
 BULLETS = [f"bullet {c}" for c in "abcdefg"]
 
 

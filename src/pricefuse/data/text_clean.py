@@ -147,6 +147,14 @@ def select_body(bullets: Sequence[str], description: str, body: str) -> tuple[tu
     return bullets, description
 
 
+# The text options' values that leave the parsed text as written (cleaning_enabled is False).
+TEXT_OPTIONS_OFF: dict[str, object] = {
+    "remove_emoji": False,
+    "numbers_as_words": False,
+    "text_body": "all",
+}
+
+
 def cleaning_enabled(cfg: PreprocessConfig) -> bool:
     """Whether any option changes text (all off: parsed tables are exactly parse_frame's)."""
     check_text_body(cfg.text_body)
