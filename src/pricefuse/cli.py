@@ -210,6 +210,13 @@ def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:
     "--all-runs", is_flag=True, help="Also runs on other folds, each fold set a separate block."
 )
 @click.option(
+    "--rank",
+    type=click.Choice(["best", "mean"]),
+    default="best",
+    show_default=True,
+    help="Order groups by their best run or by the mean over their runs (several seeds).",
+)
+@click.option(
     "--params",
     "params_path",
     type=click.Path(path_type=Path),
@@ -224,6 +231,7 @@ def compare(
     metric: str,
     out_dir: Path,
     all_runs: bool,
+    rank: str,
     params_path: Path,
 ) -> None:
     """One table and one plot of a metric per --by group over an experiment's runs of a stage.
@@ -238,7 +246,8 @@ def compare(
     stage = stage.replace("-", "_")
     try:
         runs = load_runs(experiment or params.mlflow.experiment, stage, default_tracking_uri())
-        result = compare_runs(runs, stage, by, metric, all_runs, known_params=list(flatten(params)))
+        known = list(flatten(params))
+        result = compare_runs(runs, stage, by, metric, all_runs, known_params=known, rank=rank)
     except CompareError as exc:
         raise click.ClickException(str(exc)) from exc
     csv_path, png_path = write_outputs(result, out_dir)

@@ -38,6 +38,9 @@ DEFAULT_BY = ("fusion.arch", "fusion.loss")
 DEFAULT_STAGE = "train_fusion"
 DEFAULT_METRIC = "smape_oof"
 DEFAULT_OUT = Path("reports/compare")
+# How groups are ordered: by their best run, or by the mean over their runs (repeated runs of one
+# configuration with other training seeds: a lucky seed should not decide the default).
+RANKS = ("best", "mean")
 CSV_NAME = "compare.csv"
 PNG_NAME = "compare.png"
 FOLD_METRIC_PREFIX = "smape_fold_"
@@ -195,10 +198,13 @@ def compare_runs(
     metric: str = DEFAULT_METRIC,
     all_runs: bool = False,
     known_params: Sequence[str] = (),
+    rank: str = "best",
 ) -> Comparison:
     """Group the runs (one stage's FINISHED runs, as `mlflow.search_runs` returns them) by fold
     set and the `by` params; CompareError when there are none, a `by` key is unknown (neither
     logged nor in `known_params`) or no run has the metric."""
+    if rank not in RANKS:
+        raise CompareError(f"rank must be one of {', '.join(RANKS)}, got {rank!r}")
     if runs.empty:
         raise CompareError(f"no FINISHED runs of stage {stage}")
     keys = check_by(runs, by, known_params)
@@ -245,7 +251,8 @@ def compare_runs(
     table["_block"] = table["fold_set"].map(order.index)
     table["_folds"] = best_folds
     table = table.sort_values(
-        ["_block", f"{metric}_best", f"{metric}_mean"], kind="stable"
+        ["_block", f"{metric}_{rank}", f"{metric}_{RANKS[1 - RANKS.index(rank)]}"],
+        kind="stable",
     ).reset_index(drop=True)
     return Comparison(
         stage=stage,
@@ -278,7 +285,8 @@ def _describe_fold_sets(runs: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 def figure(comparison: Comparison) -> Any:
     """Horizontal dot plot, one row per group, best at the top: the best run's metric (filled
-    dot, labelled), that run's per-fold values (small grey marks) and their mean±std (bar).
+    dot, labelled), the mean over the group's runs (diamond, when it has several), that run's
+    per-fold values (small grey marks) and their mean±std (bar).
     Fold-set blocks are separated by a line and carry their id when there are several."""
     import matplotlib
 
@@ -310,10 +318,23 @@ def figure(comparison: Comparison) -> Any:
         label="best run: folds mean±std",
     )
     best = table[f"{comparison.metric}_best"]
+    mean = table[f"{comparison.metric}_mean"]
+    repeated = (table["runs"] > 1).to_numpy()
+    if repeated.any():
+        ax.scatter(
+            mean[repeated],
+            ys[repeated],
+            marker="D",
+            s=22,
+            color="black",
+            zorder=4,
+            label=f"mean {comparison.metric} over the runs",
+        )
     ax.scatter(best, ys, color="crimson", zorder=3, label=f"best run's {comparison.metric}")
-    for y, value, runs in zip(ys, best, table["runs"], strict=True):
+    for y, value, average, runs in zip(ys, best, mean, table["runs"], strict=True):
+        text = f"best {value:.2f}, mean {average:.2f}" if runs > 1 else f"{value:.2f}"
         ax.annotate(
-            f"{value:.2f} ({_runs(runs)})",
+            f"{text} ({_runs(runs)})",
             (value, y),
             xytext=(0, 7),
             textcoords="offset points",
@@ -333,7 +354,7 @@ def figure(comparison: Comparison) -> Any:
         fontsize=9,
     )
     ax.grid(True, axis="x", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     fig.tight_layout()
     return fig
 

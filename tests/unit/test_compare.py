@@ -122,6 +122,15 @@ def test_groups_sorted_best_first_with_stats_on_the_newest_folds(store, runs):
     assert "47.500±1.323 (3)" in text
 
 
+def test_rank_by_mean_orders_by_the_mean_over_runs(runs):
+    table = compare_runs(runs, rank="mean").table
+    # dcn/smape has the best run (47.5) but a mean of 48.25 over its two runs; dcn/huber 48.0.
+    assert list(table["fusion.loss"][:2]) == ["huber_smape", "smape"]
+    assert list(table["fusion.arch"][:3]) == ["dcn", "dcn", "gated_residual"]
+    with pytest.raises(CompareError, match="rank must be one of best, mean"):
+        compare_runs(runs, rank="median")
+
+
 def test_all_runs_keeps_other_folds_in_their_own_block(runs):
     result = compare_runs(runs, all_runs=True)
     table = result.table
