@@ -92,3 +92,15 @@ def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random SigLIP directory (tests.support.tiny_joint_model), built once per session."""
     return tiny_joint_model(tmp_path_factory.mktemp("tiny-siglip"), "siglip")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: one torch thread is as fast and immune to the other processes on a shared
+    box (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
