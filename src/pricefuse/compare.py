@@ -41,6 +41,7 @@ DEFAULT_OUT = Path("reports/compare")
 # How groups are ordered: by their best run, or by the mean over their runs (repeated runs of one
 # configuration with other training seeds: a lucky seed should not decide the default).
 RANKS = ("best", "mean")
+LEGEND_INCHES = 0.5
 CSV_NAME = "compare.csv"
 PNG_NAME = "compare.png"
 FOLD_METRIC_PREFIX = "smape_fold_"
@@ -301,7 +302,8 @@ def figure(comparison: Comparison) -> Any:
         for _, row in table.iterrows()
     ]
     ys = np.arange(len(table))
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(table) + 2.0), dpi=110)
+    height = 0.45 * len(table) + 2.4
+    fig, ax = plt.subplots(figsize=(7.5, height), dpi=110)
     fold_x = [x for folds in comparison.best_folds for x in folds]
     fold_y = [y for y, folds in zip(ys, comparison.best_folds, strict=True) for _ in folds]
     if fold_x:
@@ -354,8 +356,9 @@ def figure(comparison: Comparison) -> Any:
         fontsize=9,
     )
     ax.grid(True, axis="x", alpha=0.25)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    fig.tight_layout()
+    # The legend in its own strip at the bottom (half an inch), never over the axis label.
+    fig.legend(fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, LEGEND_INCHES / height, 1, 1))
     return fig
 
 
