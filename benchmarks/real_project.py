@@ -23,11 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pricefuse.config import ConfigError, apply_overrides  # noqa: E402
 from tests.real.test_real_pipeline import write_real_rows  # noqa: E402
 from tests.support import copy_project, deep_update, refresh_project  # noqa: E402
 
@@ -41,18 +40,11 @@ OVERRIDES = {
 
 
 def parse_set(values: list[str]) -> dict:
-    """`section.key=value` pairs (value parsed as YAML) -> a nested override dict."""
-    overrides: dict = {}
-    for item in values:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects section.key=value, got {item!r}")
-        node = overrides
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return overrides
+    """`section.key=value` pairs -> a nested override dict (the CLI's own `--set` parsing)."""
+    try:
+        return apply_overrides({}, values)
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def build(project: Path, stages: list[str], overrides: dict) -> Path:
