@@ -33,7 +33,7 @@ from pathlib import Path
 import mlflow
 
 from pricefuse import compare, tracking
-from pricefuse.config import Params, flatten, load_params
+from pricefuse.config import Params, load_params
 from pricefuse.models import losses
 from pricefuse.models.fusion_member import MEMBER, load_split
 from pricefuse.models.fusion_training import KFoldResult, train_kfold
@@ -75,9 +75,7 @@ def log_result(
             }
         )
         mlflow.set_tag("mlflow.note.content", f"benchmarks/fusion_heads.py: {label}")
-        items = [(k, str(v)[:6000]) for k, v in flatten(params).items()]
-        for start in range(0, len(items), 90):
-            mlflow.log_params(dict(items[start : start + 90]))
+        tracking.log_flat_params(params)
         metrics = {"smape_oof": result.smape_oof, "train_seconds": result.seconds}
         metrics.update({f"smape_fold_{k}": s for k, s in enumerate(result.fold_smape)})
         mlflow.log_metrics(metrics)

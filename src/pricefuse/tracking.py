@@ -189,6 +189,15 @@ def route_mlflow_run(stage: str) -> None:
         os.environ[PARENT_RUN_ENV] = run_id
 
 
+def log_flat_params(params: Params) -> None:
+    """Every parameter under its dotted key on the active run (in batches MLflow accepts)."""
+    import mlflow
+
+    items = [(k, _truncate(v)) for k, v in flatten(params).items()]
+    for start in range(0, len(items), 90):
+        mlflow.log_params(dict(items[start : start + 90]))
+
+
 def _truncate(value: Any) -> str:
     text = str(value)
     return text if len(text) <= 6000 else text[:5997] + "..."
@@ -247,10 +256,7 @@ def _stage_run(stage: str, params: Params, inputs: Iterable[Path | str]) -> Iter
         mlflow.set_tags(tags)
         if os.environ.get("MLFLOW_RUN_ID"):
             mlflow.set_tag("mlflow.runName", stage)
-        flat = {k: _truncate(v) for k, v in flatten(params).items()}
-        items = list(flat.items())
-        for start in range(0, len(items), 90):
-            mlflow.log_params(dict(items[start : start + 90]))
+        log_flat_params(params)
         log_inputs([*data_files, *inputs])
         yield run
         write_metrics_file(stage, run.info.run_id)
