@@ -43,7 +43,7 @@ def worker(port: int, links: int, concurrency: int, cache: Path) -> dict[str, fl
     """One fetch run in this process; returns its figures."""
     from dataclasses import replace
 
-    from pricefuse.config import load_params
+    from pricefuse.core.config import load_params
     from pricefuse.data.images import fetch_images
 
     fetch = load_params(ROOT / "params.yaml").fetch

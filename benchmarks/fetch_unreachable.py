@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from pricefuse.config import FetchConfig, load_params
+from pricefuse.core.config import FetchConfig, load_params
 from pricefuse.data.images import fetch_images
 
 # The integration test's settings: small timeouts and backoffs, the production logic.

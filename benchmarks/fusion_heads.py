@@ -10,8 +10,9 @@ What runs: the `train_fusion` stage's own rows (`fusion_member.load_split`: the 
 the neighbour features, the stacked linear member's OOF predictions and the embeddings of that
 project) and its own K-fold loop (`train_kfold`), once per configuration, with the project's
 params.yaml plus `--set` for all and one override per configuration:
-  every head of `--archs` (default: all of pricefuse.models.heads.HEADS) with the default loss;
-  every loss of `--losses` (default: pricefuse.models.losses.LOSS_NAMES, plus the schedules
+  every head of `--archs` (default: all of pricefuse.models.fusion.heads.HEADS) with the default
+  loss;
+  every loss of `--losses` (default: pricefuse.models.fusion.losses.LOSS_NAMES, plus the schedules
   in SCHEDULES) with the default head; a loss that needs the sigmoid readout gets
   `fusion.output=sigmoid`.
 With `--seeds 42 43 44` each configuration trains once per seed (same folds; the seed of the
@@ -32,12 +33,13 @@ from pathlib import Path
 
 import mlflow
 
-from pricefuse import compare, tracking
-from pricefuse.config import Params, load_params
-from pricefuse.models import losses
-from pricefuse.models.fusion_member import MEMBER, load_split
-from pricefuse.models.fusion_training import KFoldResult, train_kfold
-from pricefuse.models.heads import HEADS
+from pricefuse.analysis import compare
+from pricefuse.core.config import Params, load_params
+from pricefuse.models.fusion import losses
+from pricefuse.models.fusion.heads import HEADS
+from pricefuse.models.fusion.member import MEMBER, load_split
+from pricefuse.models.fusion.training import KFoldResult, train_kfold
+from pricefuse.recording import tracking
 
 STAGE = "train_fusion"
 SCHEDULES = ("huber>smape", "mse>smape")

@@ -22,12 +22,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
-from pricefuse.config import load_params
+from pricefuse.core.config import load_params
+from pricefuse.core.layout import Layout
 from pricefuse.features.fold_features import FoldFeatures, fold_features
 from pricefuse.features.tabular import Embeddings, TabularFeaturizer
-from pricefuse.inputs import load_rows, train_targets
-from pricefuse.layout import Layout
-from pricefuse.models.gbdt_training import train_kfold_boosters
+from pricefuse.models.gbdt.training import train_kfold_boosters
+from pricefuse.pipeline.inputs import load_rows, train_targets
 
 
 def global_fold_features(parsed, emb: Embeddings, folds: np.ndarray, cfg, seed: int):

@@ -27,7 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pricefuse.config import load_params  # noqa: E402
+from pricefuse.core.config import load_params  # noqa: E402
 from pricefuse.data.images import ImageRejected, prepare_image, validate_image  # noqa: E402
 from tests.unit.test_images_validate import png_bomb  # noqa: E402  (the test's own bomb)
 

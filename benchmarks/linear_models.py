@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import load_params
-from pricefuse.inputs import train_targets
-from pricefuse.layout import Layout
-from pricefuse.metrics import smape_from_log
-from pricefuse.models.linear import LinearPredictor, fit_linear
+from pricefuse.core.config import load_params
+from pricefuse.core.layout import Layout
+from pricefuse.core.metrics import smape_from_log
+from pricefuse.models.linear.member import LinearPredictor, fit_linear
+from pricefuse.pipeline.inputs import train_targets
 
 
 def other_model_oof(

@@ -1,4 +1,4 @@
-"""Time the neighbour-price features (pricefuse.features.neighbours) at competition scale.
+"""Time the neighbour-price features (pricefuse.models.neighbours.index) at competition scale.
 
     python benchmarks/neighbours.py                      # 75,000 train x 75,000 test rows
     python benchmarks/neighbours.py --rows 5000          # a quick check
@@ -44,8 +44,8 @@ from typing import TypeVar
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import NeighboursConfig, load_params
-from pricefuse.features.neighbours import SPACES, NeighbourIndex, NeighbourRows, oof_features
+from pricefuse.core.config import NeighboursConfig, load_params
+from pricefuse.models.neighbours.index import SPACES, NeighbourIndex, NeighbourRows, oof_features
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pricefuse.config import ConfigError, apply_overrides  # noqa: E402
+from pricefuse.core.config import ConfigError, apply_overrides  # noqa: E402
 from tests.real.test_real_pipeline import write_real_rows  # noqa: E402
 from tests.support import copy_project, deep_update, refresh_project  # noqa: E402
 

@@ -197,7 +197,7 @@ def measure(server: Server, raw: Raw, rows: pd.DataFrame, args: argparse.Namespa
     """HTTP and raw figures, interleaved request by request: on a shared machine the load
     drifts, and both sides of each goal ratio then see the same drift. Ends by checking that
     the server's batch prices are the loaded model's (rtol 1e-6)."""
-    from pricefuse.timings import torch_threads
+    from pricefuse.core.timings import torch_threads
 
     text_rows = list(range(min(args.single, len(rows))))
     image_rows = [i for i in range(len(rows)) if rows["image_b64"][i]][: args.single]

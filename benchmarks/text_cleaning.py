@@ -6,7 +6,7 @@
 Per option (`off` = every option off, whatever params.yaml sets; each text option alone; the
 outlier filter at 0.5% and 1%): how many rows' text it changes and the 5-fold OOF SMAPE (%, on
 prices) of each head in --heads:
-  linear_name / linear_text  the pipeline's linear member (`pricefuse.models.linear`,
+  linear_name / linear_text  the pipeline's linear member (`pricefuse.models.linear.member`,
                              params.yaml's `linear:` but the view) on the `name` / `text` view;
   minilm                     RidgeCV on the default text tower's (`embed.text_model`) embeddings
                              of `text`;
@@ -35,15 +35,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import GbdtConfig, LinearConfig, PreprocessConfig, load_params
+from pricefuse.core.config import GbdtConfig, LinearConfig, PreprocessConfig, load_params
+from pricefuse.core.layout import FOLD, LOG_PRICE, TEXT
+from pricefuse.core.metrics import smape_from_log
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.preprocess import assign_folds, clean_prices, price_outliers
 from pricefuse.data.raw import read_raw
 from pricefuse.data.text_clean import TEXT_OPTIONS_OFF, changed_rows, clean_parsed
 from pricefuse.features.tabular import parsed_features
-from pricefuse.layout import FOLD, LOG_PRICE, TEXT
-from pricefuse.metrics import smape_from_log
-from pricefuse.models.linear import LinearPredictor
+from pricefuse.models.linear.member import LinearPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CSV = ROOT.parent / "shared" / "data" / "amazon2025" / "train.csv"

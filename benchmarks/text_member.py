@@ -3,7 +3,7 @@
     python benchmarks/text_member.py                       # MiniLM, params.yaml's text section
     python benchmarks/text_member.py --folds 5 --threads 2 --requests 20
 
-What it times is the served path, `TextPredictor` (pricefuse.models.text_predictor) on parsed
+What it times is the served path, `TextPredictor` (pricefuse.models.text.predictor) on parsed
 catalog rows: template, tokenizer, backbone, head, per request of one row and per row of a 64-row
 batch, with `text.refit: true` (one model) and `false` (K fold checkpoints sharing one backbone,
 each loaded in turn: what a fold-averaged text member costs per request). The weights are the
@@ -28,16 +28,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pricefuse import compat  # noqa: E402
+from pricefuse.core import compat  # noqa: E402
 
 compat.apply()
 
-from pricefuse.config import load_params  # noqa: E402
+from pricefuse.core.config import load_params  # noqa: E402
 from pricefuse.data.catalog import format_catalog, parse_frame  # noqa: E402
-from pricefuse.models import text_checkpoints as ckpt  # noqa: E402
-from pricefuse.models.text_backbones import load_backbone  # noqa: E402
-from pricefuse.models.text_predictor import TextPredictor, write_manifest  # noqa: E402
-from pricefuse.models.text_regressor import TargetScale, build_regressor, head_state  # noqa: E402
+from pricefuse.models.text import checkpoints as ckpt  # noqa: E402
+from pricefuse.models.text.backbones import load_backbone  # noqa: E402
+from pricefuse.models.text.predictor import TextPredictor, write_manifest  # noqa: E402
+from pricefuse.models.text.regressor import TargetScale, build_regressor, head_state  # noqa: E402
 
 BULLETS = (
     "Rich, smooth flavour roasted in small batches for a consistent cup every time",

@@ -31,15 +31,15 @@ import numpy as np
 import pandas as pd
 from sklearn.linear_model import RidgeCV
 
-from pricefuse.config import load_params
+from pricefuse.core.config import load_params
+from pricefuse.core.layout import FOLD, ID, LOG_PRICE, PRICE
+from pricefuse.core.metrics import smape
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.folds import assign_group_folds, fold_keys
 from pricefuse.data.preprocess import clean_prices
 from pricefuse.data.raw import read_raw
 from pricefuse.features.text import TextEncoder
-from pricefuse.layout import FOLD, ID, LOG_PRICE, PRICE
-from pricefuse.metrics import smape
-from pricefuse.models.ensemble import to_price
+from pricefuse.models.ensemble.blend import to_price
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CSV = ROOT.parent / "shared" / "data" / "amazon2025" / "train.csv"

@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pricefuse.models.fusion_training import train_kfold  # noqa: E402
-from pricefuse.models.heads import HEADS  # noqa: E402
+from pricefuse.models.fusion.heads import HEADS  # noqa: E402
+from pricefuse.models.fusion.training import train_kfold  # noqa: E402
 from tests.unit.test_train_fusion import CFG, synthetic  # noqa: E402  (the test's own problem)
 
 

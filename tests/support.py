@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pricefuse.config import Params, load_raw, params_from_dict
+from pricefuse.core.config import Params, load_raw, params_from_dict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO_ROOT / "params.yaml"
@@ -185,12 +185,12 @@ def text_rows(n: int, seed: int, n_folds: int = 2, train: bool = True):
 def tiny_encoder(directory: Path) -> str:
     """A randomly initialised 2-layer, 32-wide BERT with MiniLM's tokenizer, saved as a local
     model directory: the text member's machinery at a fraction of MiniLM's cost."""
-    from pricefuse import compat
+    from pricefuse.core import compat
 
     compat.apply()
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from pricefuse.sources import resolve
+    from pricefuse.core.sources import resolve
 
     if not (directory / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(str(resolve(MINILM_REF).path))
@@ -220,7 +220,7 @@ def tiny_joint_model(directory: Path, family: str) -> str:
     The SigLIP directory gets the same tokenizer (SiglipTokenizer needs sentencepiece)."""
     import string
 
-    from pricefuse import compat
+    from pricefuse.core import compat
 
     compat.apply()
     import torch

@@ -13,25 +13,13 @@ from pathlib import Path
 
 import click
 
-from pricefuse import compat
-from pricefuse.config import ConfigError, Params, load_params
-from pricefuse.errors import StageError
+from pricefuse.core import compat
+from pricefuse.core.config import ConfigError, Params, load_params
+from pricefuse.core.errors import StageError
+from pricefuse.stages import STAGES
 
 compat.apply_env_defaults()
 
-STAGES = (
-    "fetch_images",
-    "preprocess",
-    "embed",
-    "neighbours",
-    "train_linear",
-    "train_fusion",
-    "train_gbdt",
-    "train_text",
-    "ensemble",
-    "ablation",
-    "submit",
-)
 
 
 def _params_options(func: Callable) -> Callable:
@@ -73,7 +61,7 @@ def _make_stage_command(stage: str) -> click.Command:
     @_params_options
     def command(params_path: Path, overrides: tuple[str, ...]) -> None:
         params = _load(params_path, overrides)
-        from pricefuse.experiments import direct_run_warning
+        from pricefuse.recording.experiments import direct_run_warning
 
         warning = direct_run_warning(stage, overrides, params_path=params_path)
         if warning:
@@ -86,7 +74,7 @@ def _make_stage_command(stage: str) -> click.Command:
             click.echo(f"error: {stage}: {exc}", err=True)
             sys.exit(1)
 
-    command.__doc__ = f"Run the `{stage}` stage (see DESIGN.md, stage contracts)."
+    command.__doc__ = f"Run the `{stage}` stage (docs/architecture.md, the stage contract)."
     return click.command(name=stage.replace("_", "-"))(command)
 
 
@@ -118,7 +106,7 @@ def pipeline(dvc_args: tuple[str, ...]) -> None:
     import os
     import subprocess
 
-    from pricefuse.tracking import PARENT_RUN_ENV
+    from pricefuse.recording.tracking import PARENT_RUN_ENV
 
     env = dict(os.environ)
     parent = env.pop("MLFLOW_RUN_ID", None)
@@ -145,7 +133,7 @@ def experiment(stage: str, overrides: tuple[str, ...], name: str | None) -> None
     the next `dvc repro` keeps this output and re-runs what consumes it. Under `mlflow run` the
     stage logs into that run. MLproject's stage entry points call this.
     """
-    from pricefuse.experiments import run_experiment
+    from pricefuse.recording.experiments import run_experiment
 
     try:
         code = run_experiment(stage.replace("-", "_"), overrides, name=name)
@@ -175,7 +163,7 @@ def check_raw(paths: tuple[Path, ...]) -> None:
 def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:
     """Print the OOF SMAPE of every model and of the ensemble from the pipeline outputs."""
     params = _load(params_path, overrides)
-    from pricefuse.reports import ablation_report, oof_report
+    from pricefuse.analysis.reports import ablation_report, oof_report
 
     click.echo(oof_report(params).to_string(index=False))
     ablation = ablation_report()
@@ -236,11 +224,11 @@ def compare(
 ) -> None:
     """One table and one plot of a metric per --by group over an experiment's runs of a stage.
 
-    Only runs on the same folds are compared (pricefuse.compare); logs nothing to MLflow.
+    Only runs on the same folds are compared (pricefuse.recording.compare); logs nothing to MLflow.
     """
-    from pricefuse.compare import CompareError, compare_runs, load_runs, write_outputs
-    from pricefuse.config import flatten
-    from pricefuse.tracking import default_tracking_uri
+    from pricefuse.core.config import flatten
+    from pricefuse.recording.compare import CompareError, compare_runs, load_runs, write_outputs
+    from pricefuse.recording.tracking import default_tracking_uri
 
     params = _load(params_path, ())
     stage = stage.replace("-", "_")
@@ -283,13 +271,13 @@ def predict(
     import mlflow
     import pandas as pd
 
-    from pricefuse import tracking
     from pricefuse.data.images import ImagePolicy
+    from pricefuse.recording import tracking
 
     tracking.configure(params.mlflow.experiment)
     uri = model_uri
     if uri is None:
-        from pricefuse.registry import served_model_uri
+        from pricefuse.recording.registry import served_model_uri
 
         uri, note = served_model_uri(params.mlflow.registered_model, params.mlflow.champion_alias)
         if note:
@@ -330,7 +318,7 @@ def promote(
     """
     params = _load(params_path, overrides)
     compat.apply()
-    from pricefuse.registry import PromotionError, promote_command
+    from pricefuse.recording.registry import PromotionError, promote_command
 
     try:
         decision = promote_command(params, version, rows_csv, force)
@@ -374,7 +362,7 @@ def tracking_server(
     """
     import subprocess
 
-    from pricefuse.tracking_server import ServerConfig, start
+    from pricefuse.recording.server import ServerConfig, start
 
     config = ServerConfig(
         backend_store_uri, artifacts_destination, host, port, workers, allowed_hosts

@@ -31,8 +31,8 @@ TARGET = torch.tensor([1.5, 2.5, 3.0])  # log prices, say
 @pytest.fixture(scope="module")
 def backbone():
     pytest.importorskip("gguf", reason="gguf is in requirements.lock")
-    from pricefuse.models.decoder_lora import load_decoder_lora
-    from pricefuse.sources import ModelSourceError
+    from pricefuse.core.sources import ModelSourceError
+    from pricefuse.models.text.decoder_lora import load_decoder_lora
 
     try:
         return load_decoder_lora(REF, **LORA)
@@ -119,7 +119,7 @@ def test_lora_steps_change_only_adapter_and_head_weights(backbone, trained):
 
 
 def test_saved_adapter_reproduces_predictions_in_a_fresh_backbone(backbone, trained, tmp_path):
-    from pricefuse.models.decoder_lora import load_decoder_lora
+    from pricefuse.models.text.decoder_lora import load_decoder_lora
 
     head = trained["head"]
     state = backbone.trainable_state_dict()

@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pricefuse.core.layout import MANIFEST_COLUMNS
 from pricefuse.data.images import FetchResult, cache_stem, fetch_images, validate_image
-from pricefuse.layout import MANIFEST_COLUMNS
 from tests.integration.faulty_server import FaultyServer, Route, load_images, png_bomb
 from tests.support import PARAMS_YAML, project_params
 
@@ -197,7 +197,7 @@ def test_unreachable_host_fails_fast_in_one_line(
 FETCH_SCRIPT = """
 import sys
 from dataclasses import replace
-from pricefuse.config import load_params
+from pricefuse.core.config import load_params
 from pricefuse.data.images import fetch_images
 links = open(sys.argv[1]).read().split()
 fetch = load_params(sys.argv[3]).fetch
@@ -257,7 +257,7 @@ def test_stage_logs_counts_to_mlflow_and_resumes(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pricefuse import tracking
+    from pricefuse.recording import tracking
     from pricefuse.stages import fetch_images as stage
 
     monkeypatch.chdir(tmp_path)

@@ -3,7 +3,7 @@ kind of outputs as one process, and logs one MLflow run, not one per process.
 
 Why torchrun and not `accelerate launch`: on CPU, accelerate's launcher runs several processes
 only through MPI, and its CLI imports timm -> torchvision, which fails on the CPU torch wheel
-(pricefuse.compat patches that for pricefuse's own imports only). torchrun sets the environment
+(pricefuse.core.compat patches that for pricefuse's own imports only). torchrun sets the environment
 accelerate's `Accelerator` reads (RANK, WORLD_SIZE, ...), on CPU or GPU alike.
 """
 

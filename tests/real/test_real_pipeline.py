@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricefuse.metrics import smape
+from pricefuse.core.metrics import smape
 from tests.support import run_cmd
 
 N_TEST_ROWS = 300

@@ -12,9 +12,14 @@ import pandas as pd
 import pytest
 from test_train_fusion import CFG, synthetic
 
-from pricefuse.errors import StageError
-from pricefuse.models.ablation import fusion_modality_table, member_table, run_ablation
-from pricefuse.reports import ablation_key, ablation_report
+from pricefuse.analysis.reports import ablation_report
+from pricefuse.core.errors import StageError
+from pricefuse.models.ensemble.ablation import (
+    ablation_key,
+    fusion_modality_table,
+    member_table,
+    run_ablation,
+)
 from tests.support import project_params
 
 

@@ -1,4 +1,5 @@
-"""pricefuse.compare and `pricefuse compare`: runs logged into a real (temp SQLite) MLflow store."""
+"""pricefuse.recording.compare and `pricefuse compare`: runs logged into a real (temp SQLite) MLflow
+store."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from mlflow.entities import Metric, Param
 from PIL import Image
 
 from pricefuse.cli import main
-from pricefuse.compare import CompareError, compare_runs, load_runs, write_outputs
+from pricefuse.recording.compare import CompareError, compare_runs, load_runs, write_outputs
 from tests.support import PARAMS_YAML
 
 EXPERIMENT = "arch-cmp"

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pricefuse import config
-from pricefuse.config import ConfigError, Params, flatten, load_params, params_from_dict
+from pricefuse.core import config
+from pricefuse.core.config import ConfigError, Params, flatten, load_params, params_from_dict
 from tests.support import PARAMS_YAML, project_params
 
 

@@ -16,14 +16,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pricefuse import compat
-from pricefuse.models.decoder_lora import (
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
+from pricefuse.models.text.decoder_lora import (
     _prepare_tokenizer,
     load_decoder_lora,
     pool,
     pretrained_source,
 )
-from pricefuse.sources import ModelSourceError, ResolvedModel, resolve
 
 TEXTS = ["Green tea, 20 bags", "AA batteries (12)", "coffee"]  # 18, 17, 6 tokens
 ARGS = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ("q_proj", "v_proj")}
@@ -319,10 +319,10 @@ def test_text_member_with_a_lora_decoder_saves_adapters_only_and_serves_them(hub
     import numpy as np
     import pandas as pd
 
-    from pricefuse.layout import Layout
-    from pricefuse.models.text_member import train_text_member
-    from pricefuse.models.text_predictor import TextPredictor
-    from pricefuse.models.text_training import make_accelerator
+    from pricefuse.core.layout import Layout
+    from pricefuse.models.text.member import train_text_member
+    from pricefuse.models.text.predictor import TextPredictor
+    from pricefuse.models.text.training import make_accelerator
     from tests.support import project_params, text_rows
 
     params = project_params(data={"models_dir": str(tmp_path / "models")})

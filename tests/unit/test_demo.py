@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pricefuse.config import DemoConfig
+from pricefuse.core.config import DemoConfig
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.demo import GOLD, generate_demo
 from tests.support import project_params

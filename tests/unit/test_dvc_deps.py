@@ -174,8 +174,8 @@ def test_a_dep_directory_covers_the_modules_below_it() -> None:
 def test_check_exits_nonzero_and_names_the_stage(tmp_path: Path, capsys) -> None:
     shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
     text = (REPO / "dvc.yaml").read_text()
-    (tmp_path / "dvc.yaml").write_text(text.replace("      - src/pricefuse/layout.py\n", ""))
+    (tmp_path / "dvc.yaml").write_text(text.replace("      - src/pricefuse/core/layout.py\n", ""))
     assert stage_deps.main(["--check", "--root", str(tmp_path)]) == 1
     out = capsys.readouterr()
-    assert "submit: dvc.yaml misses src/pricefuse/layout.py" in out.out
+    assert "submit: dvc.yaml misses src/pricefuse/core/layout.py" in out.out
     assert stage_deps.WRITE_HINT in out.err

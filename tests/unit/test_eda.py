@@ -1,4 +1,5 @@
-"""pricefuse.eda on small hand-made frames, and notebooks/01_eda.ipynb on a tiny demo set."""
+"""pricefuse.analysis.eda on small hand-made frames, and notebooks/01_eda.ipynb on a tiny demo
+set."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pricefuse import eda
+from pricefuse.analysis import eda
 from pricefuse.data.catalog import format_catalog, parse_frame
 from pricefuse.data.demo import generate_demo
 from tests.support import project_params

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pricefuse import tracking
-from pricefuse.errors import StageError
-from pricefuse.features import row_hash
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import Layout
+from pricefuse.core.rows import row_hash
 from pricefuse.features.embedding import Encoders, embed_tables, load_embed_inputs
-from pricefuse.layout import Layout
+from pricefuse.recording import tracking
 from tests.support import TINY_JOINT_DIM, project_params
 
 TRAIN = pd.DataFrame(

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from pricefuse.metrics import smape
-from pricefuse.models.ensemble import (
+from pricefuse.core.metrics import smape
+from pricefuse.models.ensemble.blend import (
     EnsembleState,
     Stacker,
     fit_blend_weights,

@@ -1,4 +1,5 @@
-"""pricefuse.experiments: overrides -> `dvc exp run -S`, dvc.yaml graph, parsing DVC's output."""
+"""pricefuse.recording.experiments: overrides -> `dvc exp run -S`, dvc.yaml graph, parsing DVC's
+output."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pricefuse import experiments as ex
-from pricefuse.config import ConfigError, load_raw
-from pricefuse.tracking import JOIN_STAGE_ENV, PARENT_RUN_ENV, route_mlflow_run
+from pricefuse.core.config import ConfigError, load_raw
+from pricefuse.recording import experiments as ex
+from pricefuse.recording.tracking import JOIN_STAGE_ENV, PARENT_RUN_ENV, route_mlflow_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pricefuse.core.errors import StageError
 from pricefuse.data.images.update import read_links, update_cache
-from pricefuse.errors import StageError
 from tests.support import project_params
 
 

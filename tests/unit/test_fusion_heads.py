@@ -1,4 +1,5 @@
-"""Every head in the registry (pricefuse.models.heads.HEADS), tiny dims: output shape, gradient
+"""Every head in the registry (pricefuse.models.fusion.heads.HEADS), tiny dims: output shape,
+gradient
 flow to every parameter, the image mask's exact text-only path, both readouts, the joint tower,
 save/load through FusionPredictor, and K-fold training on test_train_fusion's synthetic problem.
 """
@@ -15,13 +16,13 @@ import pytest
 import torch
 from test_train_fusion import CFG, synthetic
 
-from pricefuse.config import ConfigError
+from pricefuse.core.config import ConfigError
+from pricefuse.core.metrics import smape_from_log
 from pricefuse.features.joint_embedding import joint_embedding
-from pricefuse.metrics import smape_from_log
-from pricefuse.models.fusion_inputs import InputSpec, SplitData
-from pricefuse.models.fusion_predictor import MANIFEST, FusionPredictor
-from pricefuse.models.fusion_training import KFoldResult, head_arch, train_fold, train_kfold
-from pricefuse.models.heads import HEADS, FusionHeadBase, HeadArch, build_head
+from pricefuse.models.fusion.heads import HEADS, FusionHeadBase, HeadArch, build_head
+from pricefuse.models.fusion.inputs import InputSpec, SplitData
+from pricefuse.models.fusion.predictor import MANIFEST, FusionPredictor
+from pricefuse.models.fusion.training import KFoldResult, head_arch, train_fold, train_kfold
 
 TEXT_DIM, IMAGE_DIM, N_UNITS, N_NUMERIC = 12, 10, 5, 8
 # Tiny versions of params.yaml's per-head sections: the shapes of the write-ups, few weights.

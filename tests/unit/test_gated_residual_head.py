@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pricefuse.models.heads import HeadArch, build_head
-from pricefuse.models.heads.gated_residual import GatedResidualHead
+from pricefuse.models.fusion.heads import HeadArch, build_head
+from pricefuse.models.fusion.heads.gated_residual import GatedResidualHead
 
 ARCH = HeadArch(text_dim=12, image_dim=10, n_units=5, n_numeric=8, hidden=16, n_blocks=2)
 

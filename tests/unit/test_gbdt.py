@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from test_tabular import embeddings, parsed_frame
 
-from pricefuse.config import GbdtConfig
+from pricefuse.core.config import GbdtConfig
+from pricefuse.core.metrics import smape_from_log
 from pricefuse.features.fold_features import fold_features
 from pricefuse.features.tabular import Embeddings, FeatureMatrix, TabularFeaturizer
-from pricefuse.metrics import smape_from_log
-from pricefuse.models.boosters import BOOSTERS, FitOptions, booster_class
-from pricefuse.models.gbdt_predictor import GbdtPredictor
-from pricefuse.models.gbdt_training import fit_gbdt, train_kfold_boosters
+from pricefuse.models.gbdt.boosters import BOOSTERS, FitOptions, booster_class
+from pricefuse.models.gbdt.predictor import GbdtPredictor
+from pricefuse.models.gbdt.training import fit_gbdt, train_kfold_boosters
 from tests.support import project_params
 
 N = 400

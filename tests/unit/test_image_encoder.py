@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pricefuse import compat
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError, resolve
 from pricefuse.features.image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -22,7 +23,6 @@ from pricefuse.features.image import (
     open_image,
     timm_arch_for_checkpoint,
 )
-from pricefuse.sources import ModelSourceError, resolve
 
 compat.apply()
 import timm  # noqa: E402  (needs compat.apply() first on CPU torch)

@@ -27,7 +27,7 @@ from pricefuse.data.images import (
     load_image_source,
     load_images,
 )
-from pricefuse.serving import PriceEnsembleModel, model_signature
+from pricefuse.serving.model import PriceEnsembleModel, model_signature
 from tests.integration.faulty_server import FaultyServer, Route, synthetic_images
 from tests.support import project_params
 

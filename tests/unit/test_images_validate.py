@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
-from pricefuse.config import FetchConfig
+from pricefuse.core.config import FetchConfig
+from pricefuse.core.layout import MANIFEST_COLUMNS
 from pricefuse.data.images import (
     ImagePolicy,
     ImageRejected,
@@ -31,7 +32,6 @@ from pricefuse.data.images import (
     read_manifest,
     validate_image,
 )
-from pricefuse.layout import MANIFEST_COLUMNS
 from tests.support import project_params
 
 FETCH = project_params().fetch

@@ -1,4 +1,5 @@
-"""Split-conformal price intervals (pricefuse.models.intervals) and their serving surface."""
+"""Split-conformal price intervals (pricefuse.models.ensemble.intervals) and their serving
+surface."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import yaml
 from mlflow.exceptions import MlflowException
 
-from pricefuse.models.ensemble import LOG_CLIP, to_price
-from pricefuse.models.intervals import (
+from pricefuse.core.records import PlotData
+from pricefuse.models.ensemble.blend import LOG_CLIP, to_price
+from pricefuse.models.ensemble.intervals import (
     GROUPS,
     MIN_GROUP_ROWS,
     REPORT_LEVELS,
@@ -23,8 +25,7 @@ from pricefuse.models.intervals import (
     coverage_table,
     interval_metrics,
 )
-from pricefuse.records import PlotData
-from pricefuse.serving import PARAM_LEVEL, PriceEnsembleModel, model_signature
+from pricefuse.serving.model import PARAM_LEVEL, PriceEnsembleModel, model_signature
 from tests.conftest import REPO_ROOT
 from tests.support import project_params
 

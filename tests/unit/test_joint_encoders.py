@@ -18,12 +18,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pricefuse import compat
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError, resolve
 from pricefuse.features import openclip
 from pricefuse.features.image import ImageEncoder
 from pricefuse.features.joint import load_tower
 from pricefuse.features.text import TextEncoder
-from pricefuse.sources import ModelSourceError, resolve
 from tests.support import TINY_JOINT_DIM
 
 compat.apply()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from test_neighbours import rows
 
-from pricefuse.metrics import smape_from_log
-from pricefuse.models.linear import LinearPredictor, fit_linear
+from pricefuse.core.metrics import smape_from_log
+from pricefuse.models.linear.member import LinearPredictor, fit_linear
 from tests.support import project_params
 
 CFG = replace(project_params().linear, min_df=1, char_max_features=5000, alpha=1.0)

@@ -11,10 +11,9 @@ import pytest
 import torch
 from test_train_fusion import CFG, synthetic
 
-from pricefuse.config import FusionConfig
-from pricefuse.metrics import smape, smape_from_log
-from pricefuse.models.fusion_training import train_kfold
-from pricefuse.models.losses import (
+from pricefuse.core.config import FusionConfig
+from pricefuse.core.metrics import smape, smape_from_log
+from pricefuse.models.fusion.losses import (
     BCE_EPS,
     BOUNDED_LOSSES,
     LOSS_NAMES,
@@ -23,6 +22,7 @@ from pricefuse.models.losses import (
     parse_loss,
     smape_surrogate,
 )
+from pricefuse.models.fusion.training import train_kfold
 from tests.support import project_params
 
 FUSION = project_params().fusion

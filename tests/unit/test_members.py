@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricefuse.errors import StageError
-from pricefuse.layout import FOLD, ID, Layout
-from pricefuse.members import (
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import FOLD, ID, Layout
+from pricefuse.models.predictors import PREDICTORS, predictor_class
+from pricefuse.pipeline.members import (
     PRODUCERS,
     MemberBatch,
     UnknownMemberError,
@@ -19,7 +20,7 @@ from pricefuse.members import (
     selected_members,
     serving_producers,
 )
-from pricefuse.predictions import member_predictions
+from pricefuse.pipeline.predictions import member_predictions
 from tests.support import project_params
 
 
@@ -27,14 +28,19 @@ def test_every_default_member_has_a_producer_with_the_serving_interface() -> Non
     params = project_params()
     for member in selected_members(params):
         producer = producer_of(member, params)
-        module_name, class_name = producer.predictor.split(":")
-        cls = getattr(importlib.import_module(module_name), class_name)
+        cls = predictor_class(producer.name)
         assert callable(cls.load) and callable(cls.predict_members)
         if producer.feeds_features:
             assert callable(cls.augment)
     stages = {p.stage for p in PRODUCERS}
     cli = importlib.import_module("pricefuse.cli")
     assert stages <= set(cli.STAGES)
+
+
+def test_every_producer_and_only_those_has_a_predictor_class() -> None:
+    assert set(PREDICTORS) == {p.name for p in PRODUCERS}
+    with pytest.raises(KeyError, match="known"):
+        predictor_class("nope")
 
 
 def test_unknown_or_repeated_members_fail_with_the_known_names() -> None:

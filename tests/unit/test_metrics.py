@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pricefuse.metrics import smape, smape_by_bucket, smape_from_log
+from pricefuse.core.metrics import smape, smape_by_bucket, smape_from_log
 
 
 def test_smape_known_values():

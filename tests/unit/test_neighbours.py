@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricefuse.features.neighbours import (
+from pricefuse.models.neighbours.index import (
     NeighbourIndex,
     NeighbourRows,
     feature_names,

@@ -21,10 +21,10 @@ from pricefuse.data.catalog import PACK_MAX, VALUE_MAX, parse_catalog, parse_fra
 from pricefuse.data.units import QUANTITY_KINDS
 from pricefuse.features.ngrams import text_view
 from pricefuse.features.tabular import parsed_features
-from pricefuse.models.ensemble import meta_features
-from pricefuse.models.fusion_inputs import SplitData, numeric_matrix
-from pricefuse.models.text_data import render_texts
-from pricefuse.serving_input import (
+from pricefuse.models.ensemble.blend import meta_features
+from pricefuse.models.fusion.inputs import SplitData, numeric_matrix
+from pricefuse.models.text.data import render_texts
+from pricefuse.serving.inputs import (
     INPUT_ID,
     INPUT_IMAGE_B64,
     INPUT_IMAGE_LINK,

@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import MANIFEST_COLUMNS, Layout
 from pricefuse.data.catalog import PARSED_COLUMNS, parse_frame
 from pricefuse.data.demo import generate_demo
 from pricefuse.data.preprocess import (
@@ -19,8 +21,6 @@ from pricefuse.data.preprocess import (
 )
 from pricefuse.data.raw import read_raw, read_raw_splits
 from pricefuse.data.text_clean import TEXT_OPTIONS_OFF, parse_products
-from pricefuse.errors import StageError
-from pricefuse.layout import MANIFEST_COLUMNS, Layout
 from pricefuse.stages import preprocess as stage
 from tests.support import project_params
 

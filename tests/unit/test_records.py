@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pricefuse import records
-from pricefuse.datasets import content_md5, input_digest, lock_digests
-from pricefuse.metrics import smape
+from pricefuse.core import records
+from pricefuse.core.metrics import smape
+from pricefuse.recording.datasets import content_md5, input_digest, lock_digests
 
 
 def test_smape_by_decile_scores_each_price_decile_separately():
@@ -100,7 +100,7 @@ def test_input_digest_is_dvc_lock_hash_when_recorded_else_content_md5(tmp_path):
 def test_record_logs_everything_a_stage_returns(tmp_path, monkeypatch):
     import mlflow
 
-    from pricefuse import tracking
+    from pricefuse.recording import tracking
     from tests.support import project_params
 
     monkeypatch.chdir(tmp_path)

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pricefuse import registry, tracking
 from pricefuse.cli import main
-from pricefuse.registry import Comparison, decide
+from pricefuse.recording import registry, tracking
+from pricefuse.recording.registry import Comparison, decide
 from tests.support import PARAMS_YAML
 
 EXPERIMENT = "registry-tests"

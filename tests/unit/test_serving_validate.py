@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from pricefuse.serving import model_signature
-from pricefuse.serving_input import InvalidInputError, validate_input
+from pricefuse.serving.inputs import InvalidInputError, validate_input
+from pricefuse.serving.model import model_signature
 from tests.support import project_params
 
 MAX_TEXT_CHARS = project_params().serving.max_text_chars

@@ -2,8 +2,8 @@ import sys
 
 import pytest
 
-from pricefuse import compat
-from pricefuse.sources import ModelSourceError, resolve
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError, resolve
 
 
 def test_pkg_refs_resolve_to_shipped_weights():

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pricefuse import sources
-from pricefuse.sources import ModelSourceError, resolve
+from pricefuse.core import sources
+from pricefuse.core.sources import ModelSourceError, resolve
 
 NAME = "pf-tiny-model"
 REF = f"pkg:{NAME}"

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from pricefuse.submission import submission_problems, write_submission
+from pricefuse.pipeline.submission import submission_problems, write_submission
 
 
 def _frame(ids, prices):

@@ -8,9 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from pricefuse.cli import main
-from pricefuse.errors import StageError
-from pricefuse.layout import Layout
-from pricefuse.submission import SubmissionRejected, read_test_rows, submit
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import Layout
+from pricefuse.pipeline.submission import SubmissionRejected, read_test_rows, submit
 from tests.support import PARAMS_YAML, project_params
 
 PARAMS = project_params()

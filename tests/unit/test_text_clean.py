@@ -168,7 +168,7 @@ class _TextsOnly:
 
 
 def test_served_model_cleans_a_request_with_its_params_snapshot() -> None:
-    from pricefuse.serving import PriceEnsembleModel
+    from pricefuse.serving.model import PriceEnsembleModel
 
     options = {"remove_emoji": True, "numbers_as_words": True, "text_body": "bullets5"}
     model = PriceEnsembleModel()

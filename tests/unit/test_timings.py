@@ -1,4 +1,5 @@
-"""pricefuse.timings: the per-section clock the served model fills for the latency benchmark."""
+"""pricefuse.core.timings: the per-section clock the served model fills for the latency
+benchmark."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 
 import pytest
 
-from pricefuse.timings import Stopwatch, torch_threads
+from pricefuse.core.timings import Stopwatch, torch_threads
 
 
 def test_sections_sum_their_entries_and_count_a_raising_one() -> None:

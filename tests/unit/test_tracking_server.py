@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pricefuse import tracking
 from pricefuse.cli import main
-from pricefuse.errors import StageError
-from pricefuse.tracking_server import ServerConfig, server_command, upgrade_command
+from pricefuse.core.errors import StageError
+from pricefuse.recording import tracking
+from pricefuse.recording.server import ServerConfig, server_command, upgrade_command
 from tests.support import project_params
 from tests.team.servers import free_port
 

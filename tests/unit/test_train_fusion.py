@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pricefuse.layout import Layout
-from pricefuse.metrics import smape_from_log
-from pricefuse.models.fusion_inputs import UNK, InputSpec, SplitData
-from pricefuse.models.fusion_member import MODEL_ARTIFACT_PATH, train_fusion_member
-from pricefuse.models.fusion_predictor import MANIFEST, FusionPredictor
-from pricefuse.models.fusion_training import KFoldResult, train_fold, train_kfold
+from pricefuse.core.layout import Layout
+from pricefuse.core.metrics import smape_from_log
+from pricefuse.models.fusion.inputs import UNK, InputSpec, SplitData
+from pricefuse.models.fusion.member import MODEL_ARTIFACT_PATH, train_fusion_member
+from pricefuse.models.fusion.predictor import MANIFEST, FusionPredictor
+from pricefuse.models.fusion.training import KFoldResult, train_fold, train_kfold
 from tests.support import project_params
 
 UNIT_EFFECT = {"ounce": 0.0, "count": 0.5, "fl_oz": -0.4, "gram": 0.3, "none": -0.6}

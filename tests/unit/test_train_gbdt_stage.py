@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 from test_tabular import embeddings, parsed_frame
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.errors import StageError
-from pricefuse.features import row_hash
-from pricefuse.layout import Layout
-from pricefuse.members import MemberBatch
-from pricefuse.metrics import smape_from_log
-from pricefuse.models.gbdt_predictor import GbdtPredictor
-from pricefuse.models.gbdt_training import train_gbdt_members
+from pricefuse.core.config import Params
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import Layout
+from pricefuse.core.metrics import smape_from_log
+from pricefuse.core.rows import row_hash
+from pricefuse.models.gbdt.predictor import GbdtPredictor
+from pricefuse.models.gbdt.training import train_gbdt_members
+from pricefuse.pipeline.members import MemberBatch
+from pricefuse.recording import tracking
 from pricefuse.stages import train_gbdt
 from tests.support import project_params
 

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from pricefuse.config import DemoConfig
+from pricefuse.core.config import DemoConfig
 from pricefuse.data.catalog import format_catalog
 
 IMAGE_PREFIX = "img_"

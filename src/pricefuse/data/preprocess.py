@@ -17,15 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import PreprocessConfig
-from pricefuse.data.catalog import parse_frame
-from pricefuse.data.folds import assign_group_folds, fold_keys, group_ids
-from pricefuse.data.images import read_manifest
-from pricefuse.data.raw import LINK
-from pricefuse.data.text_clean import changed_rows, check_text_body, clean_parsed
-from pricefuse.data.units import unit_table
-from pricefuse.errors import StageError
-from pricefuse.layout import (
+from pricefuse.core.config import PreprocessConfig
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import (
     FOLD,
     HAS_IMAGE,
     IMAGE_OK_STATUSES,
@@ -34,7 +28,13 @@ from pricefuse.layout import (
     PRICE,
     Layout,
 )
-from pricefuse.records import PlotData, StageRecord
+from pricefuse.core.records import PlotData, StageRecord
+from pricefuse.data.catalog import parse_frame
+from pricefuse.data.folds import assign_group_folds, fold_keys, group_ids
+from pricefuse.data.images import read_manifest
+from pricefuse.data.raw import LINK
+from pricefuse.data.text_clean import changed_rows, check_text_body, clean_parsed
+from pricefuse.data.units import unit_table
 
 # Why a train row is dropped: `clean_prices`' target rules, then the optional outlier filter.
 TARGET_RULES = ("price_missing", "price_not_numeric", "price_not_finite", "price_below_min")

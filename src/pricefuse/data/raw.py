@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pricefuse.config import DataConfig
-from pricefuse.errors import StageError
-from pricefuse.layout import ID, PRICE, SPLITS
+from pricefuse.core.config import DataConfig
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import ID, PRICE, SPLITS
 
 LINK = "image_link"
 REQUIRED = {"train": (ID, "catalog_content", PRICE), "test": (ID, "catalog_content")}

@@ -38,9 +38,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import PreprocessConfig
+from pricefuse.core.config import PreprocessConfig
+from pricefuse.core.layout import NAME_AS_WRITTEN
 from pricefuse.data.catalog import CatalogFields, ParseReport, parse_frame
-from pricefuse.layout import NAME_AS_WRITTEN
 
 TEXT_BODIES = ("all", "description", "bullets5")
 BULLETS_KEPT = 5  # SPAM_LLMs kept the first five bullet points

@@ -1,7 +1,3 @@
-"""Features computed from parsed rows: text and image encoders (`text`, `image`, which import
-torch, so they are not imported here; `embedding` runs both for the embed stage) and the
-row-order hash that ties arrays to tables."""
-
-from pricefuse.features.rows import row_hash
-
-__all__ = ["row_hash"]
+"""Features computed from parsed rows: the text and image encoders (`text`, `image`, which import
+torch), `embedding` (the embed stage core that runs both) and the tabular features the boosters
+read. Kept free of imports so that importing one module does not pull in the others."""

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import EmbedConfig
-from pricefuse.errors import StageError
+from pricefuse.core.config import EmbedConfig
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import HAS_IMAGE, ID, IMAGE_PATH, SPLITS, TEXT, Layout
+from pricefuse.core.records import StageRecord
+from pricefuse.core.rows import row_hash
+from pricefuse.core.sources import ModelSourceError
 from pricefuse.features.image import ImageEncoder
-from pricefuse.features.rows import row_hash
 from pricefuse.features.text import TextEncoder
-from pricefuse.inputs import load_parsed
-from pricefuse.layout import HAS_IMAGE, ID, IMAGE_PATH, SPLITS, TEXT, Layout
-from pricefuse.records import StageRecord
-from pricefuse.sources import ModelSourceError
+from pricefuse.pipeline.inputs import load_parsed
 
 COLUMNS = (ID, TEXT, IMAGE_PATH, HAS_IMAGE)
 

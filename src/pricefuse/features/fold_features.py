@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pricefuse.config import GbdtConfig
+from pricefuse.core.config import GbdtConfig
 from pricefuse.features.tabular import Embeddings, FeatureMatrix, TabularFeaturizer
 
 

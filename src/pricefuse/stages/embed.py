@@ -3,12 +3,12 @@ with the row hash of each split (pricefuse.features.embedding)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
 from pricefuse.features.embedding import embed_tables, load_embed_inputs, load_encoders
-from pricefuse.layout import Layout
+from pricefuse.recording import tracking
 
-STAGE = "embed"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

@@ -1,19 +1,20 @@
 """Stage `ensemble`: combine the members named in `ensemble.members` (blend or stacker, whichever
-scores better out of fold: pricefuse.models.ensemble_build), then log the full inference path as
-a pyfunc model and register it (pricefuse.serving); the new version takes the champion alias only
-if it is not worse than the holder out of fold (pricefuse.registry)."""
+scores better out of fold: pricefuse.models.ensemble.member), then log the full inference path as
+a pyfunc model and register it (pricefuse.serving.model); the new version takes the champion alias
+only
+if it is not worse than the holder out of fold (pricefuse.recording.registry)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.layout import Layout
-from pricefuse.members import serving_producers
-from pricefuse.models.ensemble_build import NAME, build_ensemble
-from pricefuse.registry import gate_ensemble_run
-from pricefuse.serving import input_example, log_price_model
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
+from pricefuse.models.ensemble.member import NAME, build_ensemble
+from pricefuse.pipeline.members import serving_producers
+from pricefuse.recording import tracking
+from pricefuse.recording.registry import gate_ensemble_run
+from pricefuse.serving.model import input_example, log_price_model
 
-STAGE = "ensemble"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

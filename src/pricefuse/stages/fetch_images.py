@@ -7,12 +7,12 @@ fetches what is not already valid there.
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
 from pricefuse.data.images.update import read_links, update_cache
-from pricefuse.layout import Layout
+from pricefuse.recording import tracking
 
-STAGE = "fetch_images"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

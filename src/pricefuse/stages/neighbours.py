@@ -1,15 +1,15 @@
 """Stage `neighbours`: neighbour-price features for every row (train rows out of fold) and the
-`knn` member (pricefuse.models.knn)."""
+`knn` member (pricefuse.models.neighbours.member)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.inputs import load_rows
-from pricefuse.layout import Layout
-from pricefuse.models.knn import build_neighbours
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
+from pricefuse.models.neighbours.member import build_neighbours
+from pricefuse.pipeline.inputs import load_rows
+from pricefuse.recording import tracking
 
-STAGE = "neighbours"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

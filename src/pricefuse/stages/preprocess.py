@@ -3,13 +3,13 @@ group folds (pricefuse.data.preprocess)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
 from pricefuse.data.preprocess import check_n_folds, preprocess
 from pricefuse.data.raw import read_raw_splits
-from pricefuse.layout import Layout
+from pricefuse.recording import tracking
 
-STAGE = "preprocess"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

@@ -1,15 +1,15 @@
 """Stage `train_fusion`: K-fold training of the gated fusion head on the parsed tables and
-embeddings (pricefuse.models.fusion_member)."""
+embeddings (pricefuse.models.fusion.member)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.inputs import stage_upstream
-from pricefuse.layout import Layout
-from pricefuse.models.fusion_member import MEMBER, load_split, train_fusion_member
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
+from pricefuse.models.fusion.member import MEMBER, load_split, train_fusion_member
+from pricefuse.pipeline.inputs import stage_upstream
+from pricefuse.recording import tracking
 
-STAGE = "train_fusion"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

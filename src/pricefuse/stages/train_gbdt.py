@@ -1,5 +1,5 @@
 """Stage `train_gbdt`: tabular + PCA features, every configured booster on the shared folds
-(pricefuse.models.gbdt_training).
+(pricefuse.models.gbdt.training).
 
 Writes the servable GbdtPredictor to model_dir("gbdt") with OOF and test predictions (log1p, one
 column per booster) and records per-booster SMAPEs, importance, pred-vs-actual and SMAPE-by-decile
@@ -9,13 +9,13 @@ MLflow flavor.
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.inputs import load_stage_rows, stage_upstream
-from pricefuse.layout import Layout
-from pricefuse.models.gbdt_training import PRODUCER, train_gbdt_members
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
+from pricefuse.models.gbdt.training import PRODUCER, train_gbdt_members
+from pricefuse.pipeline.inputs import load_stage_rows, stage_upstream
+from pricefuse.recording import tracking
 
-STAGE = "train_gbdt"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

@@ -1,15 +1,15 @@
 """Stage `train_linear`: the n-gram member (TF-IDF word + char n-grams -> Ridge), K folds for OOF
-predictions and one full fit for test and serving (pricefuse.models.linear)."""
+predictions and one full fit for test and serving (pricefuse.models.linear.member)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.inputs import load_parsed
-from pricefuse.layout import Layout
-from pricefuse.models.linear import train_linear_member
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
+from pricefuse.models.linear.member import train_linear_member
+from pricefuse.pipeline.inputs import load_parsed
+from pricefuse.recording import tracking
 
-STAGE = "train_linear"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

@@ -1,15 +1,15 @@
-"""Stage `train_text`: the fine-tuned text member, if in ensemble.members (models.text_member)."""
+"""Stage `train_text`: the fine-tuned text member, if in ensemble.members (models.text.member)."""
 
 from __future__ import annotations
 
-from pricefuse import tracking
-from pricefuse.config import Params
-from pricefuse.inputs import load_parsed
-from pricefuse.layout import Layout
-from pricefuse.models.text_member import disabled_text_member, text_enabled, train_text_member
-from pricefuse.models.text_training import make_accelerator
+from pricefuse.core.config import Params
+from pricefuse.core.layout import Layout
+from pricefuse.models.text.member import disabled_text_member, text_enabled, train_text_member
+from pricefuse.models.text.training import make_accelerator
+from pricefuse.pipeline.inputs import load_parsed
+from pricefuse.recording import tracking
 
-STAGE = "train_text"
+STAGE = __name__.rpartition(".")[2]
 
 
 def run(params: Params) -> None:

@@ -26,10 +26,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
-from pricefuse.config import FetchConfig
+from pricefuse.core.config import FetchConfig
+from pricefuse.core.layout import IMAGE_OK_STATUSES, MANIFEST_COLUMNS, image_manifest
 from pricefuse.data.images.records import STATUSES, LinkRecord
 from pricefuse.data.images.validate import ImageRejected, prepare_image, validate_image
-from pricefuse.layout import IMAGE_OK_STATUSES, MANIFEST_COLUMNS, image_manifest
 
 log = logging.getLogger(__name__)
 

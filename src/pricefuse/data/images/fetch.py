@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pricefuse.config import FetchConfig
+from pricefuse.core.config import FetchConfig
+from pricefuse.core.layout import IMAGE_OK_STATUSES
 from pricefuse.data.images.cache import ImageCache
 from pricefuse.data.images.http import Fetcher
 from pricefuse.data.images.links import distinct_links
 from pricefuse.data.images.records import STATUSES, LinkRecord
-from pricefuse.layout import IMAGE_OK_STATUSES
 
 T = TypeVar("T")
 

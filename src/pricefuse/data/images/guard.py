@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pricefuse.config import FetchConfig, ServingConfig
+from pricefuse.core.config import FetchConfig, ServingConfig
 from pricefuse.data.images.http import USER_AGENT
 
 MAX_REDIRECTS = 3

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pricefuse import __version__
-from pricefuse.config import FetchConfig
+from pricefuse.core.config import FetchConfig
 from pricefuse.data.images.cache import ImageCache, cache_stem
 from pricefuse.data.images.links import link_kind, local_path
 from pricefuse.data.images.records import LinkRecord

@@ -1,7 +1,8 @@
 """The `fetch_images` stage's work: the distinct image links of the raw CSVs, one fetch run into
 the cache with a progress bar, and what the stage records.
 
-Not re-exported by the package (it imports the plotting stack through `pricefuse.records`, which
+Not re-exported by the package (it imports the plotting stack through `pricefuse.core.records`,
+which
 serving has no use for). `update_cache` never calls MLflow.
 """
 
@@ -13,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
-from pricefuse.config import FetchConfig
+from pricefuse.core.config import FetchConfig
+from pricefuse.core.errors import StageError
+from pricefuse.core.records import StageRecord
 from pricefuse.data.images.fetch import fetch_images
 from pricefuse.data.images.links import distinct_links
 from pricefuse.data.images.records import LinkRecord
-from pricefuse.errors import StageError
-from pricefuse.records import StageRecord
 
 LINK_COLUMN = "image_link"
 # MLflow artifact path of the manifest (the stage's name, as before the stage became glue).

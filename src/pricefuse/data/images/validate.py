@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
-from pricefuse.config import FetchConfig
+from pricefuse.core.config import FetchConfig
 
 # Formats a product image may come in. Restricting Image.open keeps PIL from handing untrusted
 # bytes to exotic plugins (EPS would even start Ghostscript).

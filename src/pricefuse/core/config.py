@@ -1,0 +1,485 @@
+"""params.yaml -> frozen dataclasses, with dotted overrides.
+
+Why frozen dataclasses: a stage sees exactly the parameters that exist (a typo in params.yaml or
+in `--set` fails loudly instead of silently training with a default), and nothing downstream can
+mutate the configuration a run was logged with.
+
+Why no field has a default: params.yaml is the one place a value lives. The dataclasses are the
+schema (names, types, nesting); a key missing from the file fails loudly, like an unknown one,
+instead of a second copy of the value here silently taking over (or drifting from the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A parameter file or override that does not match the schema."""
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str
+    registered_model: str
+    champion_alias: str
+    promotion_tolerance: float
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_csv: str
+    test_csv: str
+    images_dir: str
+    interim_dir: str
+    features_dir: str
+    neighbours_dir: str
+    models_dir: str
+    submission_csv: str
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out_dir: str
+    n_train: int
+    n_test: int
+    image_size: int
+    broken_link_rate: float
+    corrupt_image_rate: float
+    missing_image_rate: float
+
+
+@dataclass(frozen=True)
+class FetchConfig:
+    concurrency: int
+    per_host: int
+    connect_timeout: float
+    read_timeout: float
+    retries: int
+    backoff_base: float
+    backoff_max: float
+    max_bytes: int
+    max_pixels: int
+    max_side: int
+    host_fail_threshold: int
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    n_folds: int
+    min_price: float
+    outlier_quantile: float
+    remove_emoji: bool
+    numbers_as_words: bool
+    text_body: str
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    text_model: str
+    image_model: str
+    text_max_length: int
+    text_batch_size: int
+    image_batch_size: int
+    image_size: int
+
+
+@dataclass(frozen=True)
+class NeighboursConfig:
+    """Neighbour-price features and the `knn` member (pricefuse.models.neighbours.index)."""
+
+    spaces: tuple[str, ...]
+    k: int
+    decay: float
+    band: float
+    tfidf_max_ngram: int
+    member_spaces: tuple[str, ...]
+    as_features: bool
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """TF-IDF word + character n-grams -> Ridge on log1p price (pricefuse.models.linear.member)."""
+
+    view: str
+    word_max_ngram: int
+    char_ngram: tuple[int, ...]
+    min_df: int
+    char_max_features: int
+    alpha: float
+
+
+@dataclass(frozen=True)
+class ProjectionMlpConfig:
+    """`fusion.arch: projection_mlp` (pricefuse.models.fusion.heads.projection_mlp)."""
+
+    proj_dim: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class TowersConfig:
+    """`fusion.arch: towers` (pricefuse.models.fusion.heads.towers)."""
+
+    tower_dim: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class DcnConfig:
+    """`fusion.arch: dcn` (pricefuse.models.fusion.heads.dcn)."""
+
+    proj_dim: int
+    cross_layers: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class CrossAttentionConfig:
+    """`fusion.arch: cross_attention` (pricefuse.models.fusion.heads.cross_attention)."""
+
+    d_model: int
+    n_heads: int
+    text_tokens: int
+    image_tokens: int
+    widths: tuple[int, ...]
+    dropout: float
+
+
+@dataclass(frozen=True)
+class FusionHeadsConfig:
+    """Each head's own knobs; only the section of `fusion.arch` is used (gated_residual's are
+    fusion.hidden / n_blocks / dropout)."""
+
+    projection_mlp: ProjectionMlpConfig
+    towers: TowersConfig
+    dcn: DcnConfig
+    cross_attention: CrossAttentionConfig
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    hidden: int
+    n_blocks: int
+    dropout: float
+    unit_dim: int
+    patience: int
+    loss: str
+    loss_switch: float
+    huber_delta: float
+    smooth_l1_beta: float
+    modalities: tuple[str, ...]
+    stack_members: tuple[str, ...]
+    arch: str
+    output: str
+    joint_tower: bool
+    heads: FusionHeadsConfig
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters of a decoder backbone (`text.kind: decoder_lora`, via peft)."""
+
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The fine-tuned text regressor, the `text` member (pricefuse.models.text_*): a backbone by
+    reference trained end to end (encoder) or with LoRA (decoder) on log1p price, K folds."""
+
+    model: str
+    kind: str
+    pooling: str
+    template: str
+    max_length: int
+    batch_size: int
+    predict_batch_size: int
+    grad_accum: int
+    encoder_lr: float
+    head_lr: float
+    head_dropout: float
+    warmup_fraction: float
+    schedule: str
+    weight_decay: float
+    max_grad_norm: float
+    epochs: int
+    frozen_epochs: int
+    huber_delta: float
+    smape_epochs: int
+    mixed_precision: str
+    seed: int
+    gradient_checkpointing: bool
+    lora: LoraConfig
+    refit: bool
+    export_embeddings: bool
+
+
+@dataclass(frozen=True)
+class LightGBMConfig:
+    num_leaves: int
+    min_child_samples: int
+    subsample: float
+    colsample_bytree: float
+
+
+@dataclass(frozen=True)
+class XGBoostConfig:
+    max_depth: int
+    subsample: float
+    colsample_bytree: float
+
+
+@dataclass(frozen=True)
+class CatBoostConfig:
+    depth: int
+
+
+@dataclass(frozen=True)
+class GbdtConfig:
+    boosters: tuple[str, ...]
+    text_pca: int
+    image_pca: int
+    n_estimators: int
+    learning_rate: float
+    early_stopping_rounds: int
+    max_bin: int
+    objective: str
+    huber_delta: float
+    stack_members: tuple[str, ...]
+    lightgbm: LightGBMConfig
+    xgboost: XGBoostConfig
+    catboost: CatBoostConfig
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: tuple[str, ...]
+    stackers: tuple[str, ...]
+    stack_alpha: float
+    register: bool
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """What the `ablation` stage retrains: the fusion head on these modality subsets."""
+
+    fusion_variants: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SubmitConfig:
+    source: str
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    image_hosts: tuple[str, ...]
+    allow_local_images: bool
+    trusted_networks: tuple[str, ...]
+    interval_level: float
+    # longest catalog_content a request may send: bounds tokenizer and parser time per row
+    max_text_chars: int
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int
+    mlflow: MlflowConfig
+    data: DataConfig
+    demo: DemoConfig
+    fetch: FetchConfig
+    preprocess: PreprocessConfig
+    embed: EmbedConfig
+    neighbours: NeighboursConfig
+    linear: LinearConfig
+    fusion: FusionConfig
+    gbdt: GbdtConfig
+    text: TextConfig
+    ensemble: EnsembleConfig
+    ablation: AblationConfig
+    submit: SubmitConfig
+    serving: ServingConfig
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, failing with the dotted key on mismatch."""
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(annotation, value, where)
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        return tuple(_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from exc
+        if annotation is int:
+            if not number.is_integer():
+                raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    if annotation is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, raw: Mapping[str, Any], where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown parameter(s) {', '.join(prefix + u for u in unknown)}; "
+            f"known: {', '.join(sorted(names))}"
+        )
+    kwargs = {
+        key: _coerce(value, hints[key], f"{where}.{key}" if where else key)
+        for key, value in raw.items()
+    }
+    return cls(**kwargs)
+
+
+def missing_keys(cls: type, raw: Mapping[str, Any], where: str = "") -> list[str]:
+    """Dotted keys of the schema `cls` that `raw` lacks, across every section.
+
+    Collected over the whole tree before building, so one error names everything to add rather
+    than the first gap per run. A missing section is named once (`gbdt`), not key by key.
+    """
+    hints = typing.get_type_hints(cls)
+    missing: list[str] = []
+    for f in dataclasses.fields(cls):
+        dotted = f"{where}.{f.name}" if where else f.name
+        if f.name not in raw:
+            missing.append(dotted)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(raw[f.name], Mapping):
+            missing.extend(missing_keys(hints[f.name], raw[f.name], dotted))
+    return missing
+
+
+def section_from_dict(
+    cls: type[T], raw: Mapping[str, Any], where: str = "", source: str = "params.yaml"
+) -> T:
+    """Validate and type a raw mapping as `cls` (Params or one section at dotted path `where`).
+
+    `source` names where the values came from, for the error a missing key raises.
+    """
+    missing = missing_keys(cls, raw, where)
+    if missing:
+        raise ConfigError(f"missing parameter(s) {', '.join(missing)} in {source}")
+    return _build(cls, raw, where)
+
+
+def parse_override(text: str) -> tuple[str, Any] | None:
+    """Parse `a.b=value` (value as YAML). An empty value means "as in params.yaml": None."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    if raw.strip() == "":
+        return None
+    return key, yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of the raw params tree with dotted overrides applied."""
+    tree = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for text in overrides:
+        parsed = parse_override(text)
+        if parsed is None:
+            continue
+        key, value = parsed
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def load_raw(path: Path | str = DEFAULT_PARAMS) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"parameter file {path} not found (run from the project root)")
+    with path.open(encoding="utf-8") as handle:
+        raw = yaml.safe_load(handle) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: Iterable[str] = ()) -> Params:
+    """Load params.yaml, apply dotted overrides, and validate against the schema."""
+    return params_from_dict(apply_overrides(load_raw(path), overrides), source=str(path))
+
+
+def params_from_dict(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a whole raw params tree: every schema key present, no unknown one, typed."""
+    return section_from_dict(Params, raw, source=source)
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a params dataclass (or one section) into dotted keys for MLflow."""
+    if dataclasses.is_dataclass(obj):
+        items = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    elif isinstance(obj, Mapping):
+        items = dict(obj)
+    else:
+        return {prefix: obj}
+    flat: dict[str, Any] = {}
+    for key, value in items.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dataclasses.is_dataclass(value) or isinstance(value, Mapping):
+            flat.update(flatten(value, dotted))
+        elif isinstance(value, tuple | list):
+            flat[dotted] = ",".join(str(v) for v in value)
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def to_dict(params: Params) -> dict[str, Any]:
+    return dataclasses.asdict(params)

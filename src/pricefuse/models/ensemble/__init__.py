@@ -1,0 +1,1 @@
+"""The blend, the stacker, price intervals and the ablation study."""

@@ -1,0 +1,1 @@
+"""The `fusion` member: a neural head over embeddings and tabular features."""

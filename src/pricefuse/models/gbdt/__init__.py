@@ -1,0 +1,1 @@
+"""The booster members: LightGBM, XGBoost, CatBoost on tabular features."""

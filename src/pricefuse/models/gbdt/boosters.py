@@ -1,0 +1,406 @@
+"""The three gradient-boosted tree libraries (LightGBM, XGBoost, CatBoost) behind one interface.
+
+Why three boosters: they split categoricals, missing values and leaves differently, so their
+errors are only partly correlated and the ensemble gains from each. Why one interface: the
+fold loop (models.gbdt.training), the saved layout and the serving path (models.gbdt.predictor)
+are written once and cannot drift per booster.
+
+The loss is `gbdt.objective`: squared error, or Huber with `huber_delta` (default). Why Huber:
+SMAPE is close to the absolute error of log prices, so mispriced listings should pull the trees
+less than squared error lets them. Each booster early-stops on the validation set it is given and
+keeps only the rounds up to its best iteration.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, Self
+
+import numpy as np
+import pandas as pd
+
+from pricefuse.core import compat
+from pricefuse.core.config import GbdtConfig
+from pricefuse.features.tabular import FeatureMatrix
+
+# libgomp reads OMP_WAIT_POLICY once, when the first booster library loads it; the boosters are
+# imported lazily below, so setting the default here is early enough for library users too.
+compat.apply_env_defaults()
+
+
+def available_cores() -> int:
+    """Cores this process may use (respects affinity masks and container CPU sets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """What every booster needs to train: the gbdt section, the seed and a thread budget."""
+
+    cfg: GbdtConfig
+    seed: int
+    n_jobs: int = 1
+
+
+class Booster(Protocol):
+    """A regressor on a FeatureMatrix, fitted with a validation set and early stopping."""
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]  # model file extension, e.g. ".txt"
+
+    @property
+    def best_iteration(self) -> int:
+        """Number of boosting rounds kept after early stopping."""
+        ...
+
+    def fit(
+        self,
+        train: FeatureMatrix,
+        y_train: np.ndarray,
+        valid: FeatureMatrix,
+        y_valid: np.ndarray,
+        options: FitOptions,
+    ) -> Self: ...
+
+    def predict(self, x: FeatureMatrix) -> np.ndarray: ...
+
+    def feature_importance(self) -> np.ndarray:
+        """Gain-type importance per feature, in feature order, summing to 1 (0s if none)."""
+        ...
+
+    def save(self, path: Path) -> Path: ...
+
+    @classmethod
+    def load(cls, path: Path) -> Self: ...
+
+    @property
+    def native(self) -> Any:
+        """The library's own model object (for MLflow flavors and inspection)."""
+        ...
+
+
+def _normalised(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    total = values.sum()
+    return values / total if total > 0 else values
+
+
+def _require_fitted(model: Any, name: str) -> Any:
+    if model is None:
+        raise RuntimeError(f"{name} booster used before fit or load")
+    return model
+
+
+class _NativeBooster:
+    """What the three boosters share: the wrapped native model and the fitted-or-not check.
+
+    Subclasses set `name`, `suffix` and `_count_trees`, and implement fit/predict/importance.
+    """
+
+    name: ClassVar[str]
+    suffix: ClassVar[str]
+
+    def __init__(self, model: Any = None) -> None:
+        self._model = model
+
+    @property
+    def native(self) -> Any:
+        return _require_fitted(self._model, self.name)
+
+    @property
+    def best_iteration(self) -> int:
+        return int(self._count_trees(self.native))
+
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        raise NotImplementedError
+
+    def save(self, path: Path) -> Path:
+        self.native.save_model(str(path))
+        return path
+
+
+OBJECTIVES = ("l2", "huber")
+# Inputs of at most this many rows predict on one thread (served single rows).
+SMALL_PREDICT_ROWS = 4
+
+
+def _check_objective(cfg: GbdtConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"gbdt.objective must be one of {OBJECTIVES}, got {cfg.objective!r}")
+
+
+def _lightgbm_objective(cfg: GbdtConfig) -> dict[str, Any]:
+    _check_objective(cfg)
+    if cfg.objective == "huber":
+        return {"objective": "huber", "alpha": cfg.huber_delta}
+    return {"objective": "regression"}
+
+
+def _xgboost_objective(cfg: GbdtConfig) -> dict[str, Any]:
+    _check_objective(cfg)
+    if cfg.objective == "huber":
+        return {"objective": "reg:pseudohubererror", "huber_slope": cfg.huber_delta}
+    return {"objective": "reg:squarederror"}
+
+
+def _catboost_loss(cfg: GbdtConfig) -> str:
+    _check_objective(cfg)
+    return f"Huber:delta={cfg.huber_delta}" if cfg.objective == "huber" else "RMSE"
+
+
+class LightGBMBooster(_NativeBooster):
+    """LightGBM with native categorical splits on the unit / quantity-kind codes."""
+
+    name: ClassVar[str] = "lightgbm"
+    suffix: ClassVar[str] = ".txt"
+
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        return model.num_trees()
+
+    def fit(
+        self,
+        train: FeatureMatrix,
+        y_train: np.ndarray,
+        valid: FeatureMatrix,
+        y_valid: np.ndarray,
+        options: FitOptions,
+    ) -> Self:
+        import lightgbm as lgb
+
+        cfg, own = options.cfg, options.cfg.lightgbm
+        params = {
+            **_lightgbm_objective(cfg),
+            "learning_rate": cfg.learning_rate,
+            "num_leaves": own.num_leaves,
+            "min_child_samples": own.min_child_samples,
+            "bagging_fraction": own.subsample,
+            "bagging_freq": 1 if own.subsample < 1.0 else 0,
+            "feature_fraction": own.colsample_bytree,
+            "max_bin": cfg.max_bin,
+            "seed": options.seed,
+            "deterministic": True,
+            "force_col_wise": True,
+            "num_threads": options.n_jobs,
+            "verbosity": -1,
+        }
+        dataset = lgb.Dataset(
+            train.values,
+            y_train,
+            feature_name=list(train.names),
+            categorical_feature=list(train.categorical),
+            free_raw_data=True,
+        )
+        holdout = lgb.Dataset(valid.values, y_valid, reference=dataset)
+        model = lgb.train(
+            params,
+            dataset,
+            num_boost_round=cfg.n_estimators,
+            valid_sets=[holdout],
+            callbacks=[lgb.early_stopping(cfg.early_stopping_rounds, verbose=False)],
+        )
+        # Keep only the best rounds, so predict/save/load never need to remember a cut-off.
+        self._model = lgb.Booster(
+            model_str=model.model_to_string(num_iteration=model.best_iteration)
+        )
+        return self
+
+    def predict(self, x: FeatureMatrix) -> np.ndarray:
+        # A few rows run on one thread: waking a pool for a handful of tree walks costs more than
+        # the walks (the same predictions either way; trees are summed per row).
+        threads = {"num_threads": 1} if len(x.values) <= SMALL_PREDICT_ROWS else {}
+        return np.asarray(self.native.predict(x.values, **threads), dtype=np.float64)
+
+    def feature_importance(self) -> np.ndarray:
+        return _normalised(self.native.feature_importance(importance_type="gain"))
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        import lightgbm as lgb
+
+        return cls(lgb.Booster(model_file=str(path)))
+
+
+class XGBoostBooster(_NativeBooster):
+    """XGBoost `hist` trees with categorical support declared through feature types."""
+
+    name: ClassVar[str] = "xgboost"
+    suffix: ClassVar[str] = ".ubj"
+
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        return model.num_boosted_rounds()
+
+    @staticmethod
+    def _matrix(x: FeatureMatrix, label: np.ndarray | None = None, n_jobs: int = 1) -> Any:
+        import xgboost as xgb
+
+        categorical = set(x.categorical)
+        return xgb.DMatrix(
+            x.values,
+            label=label,
+            feature_names=list(x.names),
+            feature_types=["c" if i in categorical else "q" for i in range(len(x.names))],
+            enable_categorical=True,
+            nthread=n_jobs,
+        )
+
+    def fit(
+        self,
+        train: FeatureMatrix,
+        y_train: np.ndarray,
+        valid: FeatureMatrix,
+        y_valid: np.ndarray,
+        options: FitOptions,
+    ) -> Self:
+        import xgboost as xgb
+
+        cfg, own = options.cfg, options.cfg.xgboost
+        params = {
+            **_xgboost_objective(cfg),
+            "eta": cfg.learning_rate,
+            "max_depth": own.max_depth,
+            "subsample": own.subsample,
+            "colsample_bytree": own.colsample_bytree,
+            "tree_method": "hist",
+            "max_bin": cfg.max_bin,
+            "seed": options.seed,
+            "nthread": options.n_jobs,
+        }
+        holdout = self._matrix(valid, y_valid, options.n_jobs)
+        model = xgb.train(
+            params,
+            self._matrix(train, y_train, options.n_jobs),
+            num_boost_round=cfg.n_estimators,
+            evals=[(holdout, "valid")],
+            early_stopping_rounds=cfg.early_stopping_rounds,
+            verbose_eval=False,
+        )
+        self._model = model[: model.best_iteration + 1]
+        return self
+
+    def predict(self, x: FeatureMatrix) -> np.ndarray:
+        """`inplace_predict` on the values: the same predictions as through a DMatrix (tested;
+        the booster keeps the categorical feature types it was trained with) without building
+        one, which was half of a served row's XGBoost time. The names are checked here, as the
+        DMatrix path checked them."""
+        expected = tuple(self.native.feature_names or ())
+        if expected and tuple(x.names) != expected:
+            raise ValueError(
+                f"XGBoost model expects {len(expected)} features {expected[:3]}..., got "
+                f"{len(x.names)} {tuple(x.names)[:3]}..."
+            )
+        return np.asarray(self.native.inplace_predict(x.values), dtype=np.float64)
+
+    def feature_importance(self) -> np.ndarray:
+        scores = self.native.get_score(importance_type="total_gain")
+        return _normalised(np.array([scores.get(n, 0.0) for n in self.native.feature_names]))
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        import xgboost as xgb
+
+        model = xgb.Booster()
+        model.load_model(str(path))
+        return cls(model)
+
+
+class CatBoostBooster(_NativeBooster):
+    """CatBoost symmetric trees; categorical codes go in as integers (-1 = unknown)."""
+
+    name: ClassVar[str] = "catboost"
+    suffix: ClassVar[str] = ".cbm"
+
+    @staticmethod
+    def _count_trees(model: Any) -> int:
+        return model.tree_count_
+
+    @staticmethod
+    def _frame(x: FeatureMatrix) -> pd.DataFrame:
+        """CatBoost rejects float or NaN categorical values: codes become ints, unknown -1."""
+        frame = x.frame()
+        for i in x.categorical:
+            column = x.names[i]
+            frame[column] = frame[column].fillna(-1).astype(np.int64)
+        return frame
+
+    def fit(
+        self,
+        train: FeatureMatrix,
+        y_train: np.ndarray,
+        valid: FeatureMatrix,
+        y_valid: np.ndarray,
+        options: FitOptions,
+    ) -> Self:
+        from catboost import CatBoostRegressor
+
+        cfg = options.cfg
+        model = CatBoostRegressor(
+            iterations=cfg.n_estimators,
+            learning_rate=cfg.learning_rate,
+            depth=cfg.catboost.depth,
+            border_count=cfg.max_bin,
+            loss_function=_catboost_loss(cfg),
+            random_seed=options.seed,
+            thread_count=options.n_jobs,
+            od_type="Iter",
+            od_wait=cfg.early_stopping_rounds,
+            use_best_model=True,
+            allow_writing_files=False,
+            verbose=False,
+        )
+        categorical = [train.names[i] for i in train.categorical]
+        model.fit(
+            self._frame(train),
+            y_train,
+            cat_features=categorical,
+            eval_set=(self._frame(valid), y_valid),
+        )
+        self._model = model
+        return self
+
+    @staticmethod
+    def _rows(x: FeatureMatrix) -> np.ndarray:
+        """`_frame`'s values as an object array (codes as ints, unknown -1): the same predictions
+        (tested) at a tenth of the cost on a served row, where CatBoost's column-by-column
+        reading of a DataFrame took most of its predict time."""
+        rows = x.values.astype(object)
+        for i in x.categorical:
+            codes = x.values[:, i]
+            rows[:, i] = np.where(np.isnan(codes), -1, codes).astype(np.int64)
+        return rows
+
+    def predict(self, x: FeatureMatrix) -> np.ndarray:
+        return np.asarray(self.native.predict(self._rows(x)), dtype=np.float64)
+
+    def feature_importance(self) -> np.ndarray:
+        return _normalised(self.native.get_feature_importance())
+
+    def save(self, path: Path) -> Path:
+        self.native.save_model(str(path), format="cbm")
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Self:
+        from catboost import CatBoostRegressor
+
+        return cls(CatBoostRegressor().load_model(str(path), format="cbm"))
+
+
+BOOSTERS: dict[str, type[Booster]] = {
+    b.name: b for b in (LightGBMBooster, XGBoostBooster, CatBoostBooster)
+}
+
+
+def booster_class(name: str) -> type[Booster]:
+    """The Booster class for a name in params.gbdt.boosters."""
+    try:
+        return BOOSTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown booster {name!r}; known: {', '.join(BOOSTERS)}") from None

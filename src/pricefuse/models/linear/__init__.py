@@ -1,0 +1,1 @@
+"""The `linear` member: TF-IDF n-grams and ridge regression."""

@@ -1,0 +1,1 @@
+"""The neighbour features and the `knn` member."""

@@ -1,0 +1,323 @@
+"""Neighbour-price features: what did the most similar training items sell for?
+
+The catalogue repeats a product under other pack sizes, sellers and wordings, so the log prices of
+a row's nearest training rows are strong, cheap signal on small data. For every row and every
+space (TF-IDF of the name view, TF-IDF of the full text, the text embedding, the image embedding
+where the row has an image) five statistics of its k nearest training rows' log prices are
+computed: weighted mean, median, weighted spread, the similarity of the closest and its price.
+
+Weights follow the nearest-neighbour correction proposed in the SPAM_LLMs write-up: a neighbour at
+cosine similarity s weighs exp(-decay * (1 - s)), and with `band` > 0 neighbours whose log price
+lies farther than `band` from the neighbours' median are dropped (a mispriced listing must not drag
+the estimate).
+
+No leaks: train rows see only neighbours from other folds, and every fitted part (the TF-IDF
+vocabularies) is fitted on those other folds only (`oof_features`). Test and served rows see all
+train rows (`NeighbourIndex.fit` on every train row). Search is exact: faiss inner-product indexes
+on the normalised embeddings, scikit-learn's brute-force cosine search on the sparse TF-IDF rows.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pricefuse.core.config import NeighboursConfig, section_from_dict
+from pricefuse.features.ngrams import (
+    fit_vectorizer,
+    load_vectorizer,
+    make_vectorizer,
+    save_vectorizer,
+    text_view,
+)
+
+SPACES = ("tfidf_name", "tfidf_text", "text_embedding", "image")
+STATS = ("mean", "median", "std", "top1_sim", "top1")
+PREFIX = "nbr_"
+MEMBER = "knn"
+MANIFEST = "neighbours.json"
+# Queries per search batch: bounds the dense similarity block (batch x keys floats).
+SEARCH_BATCH = 2048
+
+
+def feature_names(spaces: tuple[str, ...]) -> list[str]:
+    return [f"{PREFIX}{space}_{stat}" for space in spaces for stat in STATS]
+
+
+@dataclass(frozen=True)
+class NeighbourRows:
+    """The inputs of the neighbour search for a set of rows (arrays aligned with `parsed`)."""
+
+    parsed: pd.DataFrame
+    text: np.ndarray
+    image: np.ndarray
+    image_mask: np.ndarray
+
+    def take(self, rows: np.ndarray) -> NeighbourRows:
+        return NeighbourRows(
+            self.parsed.iloc[rows].reset_index(drop=True),
+            self.text[rows],
+            self.image[rows],
+            np.asarray(self.image_mask, dtype=bool)[rows],
+        )
+
+    def __len__(self) -> int:
+        return len(self.parsed)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def dense_index(keys: np.ndarray) -> Any:
+    """The exact inner-product faiss index of the normalised keys (what `search_dense` asks)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(keys.shape[1])
+    index.add(_normalise(keys))
+    return index
+
+
+def sparse_index(keys: Any, k: int) -> Any:
+    """scikit-learn's brute-force cosine search over the sparse keys (what `search_sparse` asks)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    return NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute").fit(keys)
+
+
+def search_dense(
+    queries: np.ndarray, keys: np.ndarray, k: int, index: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, key indices), each (n, k), most similar first; exact cosine via faiss.
+    `index`: `dense_index(keys)` when the caller keeps one."""
+    index = index if index is not None else dense_index(keys)
+    sims, idx = index.search(_normalise(queries), k)
+    return sims.astype(np.float64), idx
+
+
+def search_sparse(
+    queries: Any, keys: Any, k: int, index: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, key indices), each (n >= 1, k), most similar first; exact cosine, brute
+    force. `index`: `sparse_index(keys, k)` when the caller keeps one."""
+    index = index if index is not None else sparse_index(keys, k)
+    sims, idx = [], []
+    for start in range(0, queries.shape[0], SEARCH_BATCH):
+        distance, found = index.kneighbors(queries[start : start + SEARCH_BATCH])
+        sims.append(1.0 - distance)
+        idx.append(found)
+    return np.vstack(sims), np.vstack(idx)
+
+
+def neighbour_stats(sims: np.ndarray, values: np.ndarray, decay: float, band: float) -> np.ndarray:
+    """(n, len(STATS)) statistics of each row's neighbour values (columns: STATS order).
+
+    `sims` and `values` are (n, k), most similar first. Weight = exp(-decay * (1 - sim)).
+    """
+    sims = np.asarray(sims, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    keep = np.ones_like(values, dtype=bool)
+    median = np.median(values, axis=1)
+    if band > 0:
+        keep = np.abs(values - median[:, None]) <= band
+        keep[:, 0] |= ~keep.any(axis=1)  # never drop every neighbour
+    weights = np.exp(-decay * (1.0 - np.clip(sims, -1.0, 1.0))) * keep
+    total = np.maximum(weights.sum(axis=1), 1e-12)
+    mean = (weights * values).sum(axis=1) / total
+    spread = np.sqrt((weights * (values - mean[:, None]) ** 2).sum(axis=1) / total)
+    return np.column_stack([mean, median, spread, sims[:, 0], values[:, 0]])
+
+
+@dataclass
+class _Space:
+    """One fitted search space: how to embed rows, the key matrix and the keys' values."""
+
+    name: str
+    keys: Any  # csr matrix (TF-IDF) or float32 array (embeddings), one row per key
+    values: np.ndarray  # log price per key
+    vectorizer: Any = None  # TF-IDF spaces only
+    _index: Any = None  # the search structure, built on first use and kept
+
+    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`search_sparse`/`search_dense` over this space's keys. Why the kept index: a served
+        model queries the same keys for every request, and rebuilding the faiss index (and
+        re-normalising the keys) per request cost more than the search itself."""
+        if self.vectorizer is not None:
+            if self._index is None or self._index.n_neighbors != k:
+                self._index = sparse_index(self.keys, k)
+            return search_sparse(queries, self.keys, k, self._index)
+        if self._index is None:
+            self._index = dense_index(self.keys)
+        return search_dense(queries, self.keys, k, self._index)
+
+
+def _view(space: str) -> str:
+    return space.removeprefix("tfidf_")
+
+
+def _space_rows(space: str, rows: NeighbourRows) -> tuple[Any, np.ndarray]:
+    """(row vectors, which rows take part) for a dense space: images only where present."""
+    if space == "text_embedding":
+        return rows.text, np.ones(len(rows), dtype=bool)
+    if space == "image":
+        mask = np.asarray(rows.image_mask, dtype=bool)
+        return rows.image[mask], mask
+    raise ValueError(f"unknown neighbour space {space!r}; known: {', '.join(SPACES)}")
+
+
+class NeighbourIndex:
+    """Train rows as keys in every configured space: fitted once, queried for any rows."""
+
+    def __init__(self, cfg: NeighboursConfig, spaces: dict[str, _Space]) -> None:
+        self.cfg = cfg
+        self.spaces = spaces
+
+    @classmethod
+    def fit(cls, cfg: NeighboursConfig, keys: NeighbourRows, values: np.ndarray) -> NeighbourIndex:
+        values = np.asarray(values, dtype=np.float64)
+        spaces: dict[str, _Space] = {}
+        for space in cfg.spaces:
+            if space.startswith("tfidf_"):
+                vectorizer = make_vectorizer("word", (1, cfg.tfidf_max_ngram))
+                texts = text_view(keys.parsed, _view(space))
+                matrix = fit_vectorizer(vectorizer, texts)
+                spaces[space] = _Space(space, matrix, values, vectorizer)
+            else:
+                vectors, mask = _space_rows(space, keys)
+                spaces[space] = _Space(space, _normalise(vectors), values[mask])
+        return cls(cfg, spaces)
+
+    @property
+    def columns(self) -> list[str]:
+        return feature_names(tuple(self.spaces))
+
+    def features(self, rows: NeighbourRows) -> pd.DataFrame:
+        """One column per (space, statistic); NaN where a space has nothing for the row
+        (no image, or no key with an image)."""
+        out = np.full((len(rows), len(self.columns)), np.nan)
+        for i, (name, space) in enumerate(self.spaces.items()):
+            k = min(self.cfg.k, space.values.shape[0])
+            if k < 1 or len(rows) == 0:
+                continue
+            if space.vectorizer is not None:
+                queries = space.vectorizer.transform(text_view(rows.parsed, _view(name)))
+                sims, idx = space.search(queries, k)
+                mask = np.ones(len(rows), dtype=bool)
+            else:
+                queries, mask = _space_rows(name, rows)
+                if not mask.any():
+                    continue
+                sims, idx = space.search(queries, k)
+            block = neighbour_stats(sims, space.values[idx], self.cfg.decay, self.cfg.band)
+            out[mask, i * len(STATS) : (i + 1) * len(STATS)] = block
+        return pd.DataFrame(out, columns=self.columns)
+
+    def augment(self, batch: Any) -> Any:
+        """The registry's feature hook: `batch` (a MemberBatch) with the neighbour columns added."""
+        rows = NeighbourRows(batch.parsed, batch.text, batch.image, batch.image_mask)
+        return batch.with_columns(self.features(rows))
+
+    def predict_members(self, batch: Any) -> dict[str, np.ndarray]:
+        """The registry's serving interface: the `knn` member, from the batch's neighbour columns
+        (computed here when `augment` has not added them)."""
+        columns = feature_names(tuple(self.spaces))
+        if not set(columns) <= set(batch.parsed.columns):
+            batch = self.augment(batch)
+        return {MEMBER: knn_estimate(batch.parsed, self.cfg.member_spaces)}
+
+    def save(self, directory: Path | str) -> Path:
+        """JSON manifest + per-space files (.npz/.npy, TF-IDF as JSON + .npy): no pickle."""
+        from scipy import sparse
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, space in self.spaces.items():
+            np.save(directory / f"{name}_values.npy", space.values)
+            if space.vectorizer is not None:
+                save_vectorizer(space.vectorizer, directory, f"{name}_vectorizer")
+                sparse.save_npz(directory / f"{name}_keys.npz", space.keys.tocsr())
+            else:
+                np.save(directory / f"{name}_keys.npy", space.keys.astype(np.float32))
+        manifest = {"config": _config_dict(self.cfg), "spaces": list(self.spaces)}
+        path = directory / MANIFEST
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: Path | str) -> NeighbourIndex:
+        from scipy import sparse
+
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: not a neighbour index directory")
+        manifest = json.loads(path.read_text())
+        # Typed like params.yaml (lists become tuples); an index saved before a parameter
+        # existed fails naming it instead of silently taking some value for it.
+        raw = {**manifest["config"], "spaces": manifest["spaces"]}
+        cfg = section_from_dict(NeighboursConfig, raw, "neighbours", source=str(path))
+        spaces = {}
+        for name in manifest["spaces"]:
+            values = np.load(directory / f"{name}_values.npy")
+            if name.startswith("tfidf_"):
+                vectorizer = load_vectorizer(directory, f"{name}_vectorizer")
+                keys = sparse.load_npz(directory / f"{name}_keys.npz").tocsr()
+                spaces[name] = _Space(name, keys, values, vectorizer)
+            else:
+                keys = np.load(directory / f"{name}_keys.npy").astype(np.float32)
+                spaces[name] = _Space(name, keys, values)
+        return cls(cfg, spaces)
+
+
+def _config_dict(cfg: NeighboursConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def oof_features(
+    cfg: NeighboursConfig,
+    rows: NeighbourRows,
+    values: np.ndarray,
+    folds: np.ndarray,
+    on_fold_done: Callable[[int], None] | None = None,
+) -> pd.DataFrame:
+    """Neighbour features of train rows, each from an index fitted on the other folds only."""
+    folds = np.asarray(folds)
+    values = np.asarray(values, dtype=np.float64)
+    out: pd.DataFrame | None = None
+    for k in sorted(set(folds.tolist())):
+        held = np.flatnonzero(folds == k)
+        rest = np.flatnonzero(folds != k)
+        index = NeighbourIndex.fit(cfg, rows.take(rest), values[rest])
+        block = index.features(rows.take(held))
+        if out is None:
+            out = pd.DataFrame(np.nan, index=range(len(rows)), columns=block.columns)
+        out.iloc[held] = block.to_numpy()
+        if on_fold_done is not None:
+            on_fold_done(int(k))
+    if out is None:
+        raise ValueError("oof_features needs at least one fold")
+    return out
+
+
+def knn_estimate(features: pd.DataFrame, spaces: tuple[str, ...]) -> np.ndarray:
+    """The neighbour member: the mean over `spaces` of their weighted-mean neighbour log price
+    (spaces without a value for a row, e.g. image, are skipped for it)."""
+    columns = [f"{PREFIX}{space}_mean" for space in spaces]
+    missing = [c for c in columns if c not in features.columns]
+    if missing:
+        raise ValueError(
+            f"neighbour features lack {missing}: add those spaces to neighbours.spaces"
+        )
+    estimate = features[columns].mean(axis=1, skipna=True).to_numpy(dtype=np.float64)
+    if np.isnan(estimate).any():
+        raise ValueError("a row has no neighbour estimate in any of the member spaces")
+    return estimate

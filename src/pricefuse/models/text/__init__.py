@@ -1,0 +1,1 @@
+"""The `text` member: a fine-tuned transformer (encoder or decoder + LoRA)."""

@@ -1,0 +1,271 @@
+"""The registered model: raw product rows in, prices out.
+
+One pyfunc wraps the whole inference path the pipeline trained — parsing, text and image
+encoders, the neighbour features, every member the registry (`pricefuse.pipeline.members`) names for
+`ensemble.members`, and the blend or stacker — so `mlflow models serve` and `pricefuse predict`
+answer exactly what `submit` wrote.
+Rows without a usable image (no link, broken link, corrupt bytes) take the text-only path, as in
+training, and say so: every answer row carries `image_used` and `image_status` (`ok`,
+`no_image`, or why the image was refused or failed). Image links are fetched only as the
+params snapshot's `serving` section allows (`pricefuse.data.images.guard`): requests come from
+strangers. A row that cannot be priced at all (no catalog_content) is an error naming the row,
+never a silent NaN. Each price comes with `price_low`/`price_high`, a split-conformal interval
+(pricefuse.models.ensemble.intervals) at the request's `interval_level` (a signature param).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from pricefuse.serving.inputs import (
+    INPUT_ID,
+    INPUT_IMAGE_B64,
+    INPUT_IMAGE_LINK,
+    INPUT_TEXT,
+    InvalidInputError,
+    row_list,
+    validate_input,
+)
+
+# Artifact keys inside the logged model (the producers' keys are their registry names).
+ART_ENSEMBLE = "ensemble"
+ART_PARAMS = "params"
+PARAM_LEVEL = "interval_level"  # per-request param: the price interval's level
+
+
+# Requests of at most this many rows run torch on one thread. Why: their tensors are too small
+# for intra-op parallelism to pay, and waking a second (PASSIVE-waiting) OpenMP thread for each
+# of the ~150 ops of a row cost more than it saved: a single row's fusion heads took 14 ms on two
+# threads, 8 ms on one, MiniLM 16 vs 15 ms (2-core machine). Larger requests keep torch's default.
+ONE_THREAD_ROWS = 4
+
+
+class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc: DataFrame of raw product rows -> DataFrame with `price` (and sample_id)."""
+
+    def load_context(self, context: Any) -> None:
+        self._load(context.artifacts)
+
+    def _load(self, artifacts: dict[str, str]) -> None:
+        from pricefuse.core import compat
+
+        compat.apply()
+        from pricefuse.core.config import params_from_dict
+        from pricefuse.data.images import ImagePolicy
+        from pricefuse.features.image import ImageEncoder
+        from pricefuse.features.text import TextEncoder
+        from pricefuse.models.ensemble.blend import EnsembleState
+        from pricefuse.models.ensemble.intervals import ConformalCalibration
+        from pricefuse.models.predictors import load_predictor
+        from pricefuse.pipeline.members import serving_producers
+
+        raw = json.loads(Path(artifacts[ART_PARAMS]).read_text())
+        self.params = params_from_dict(raw)
+        embed = self.params.embed
+        self.text_encoder = TextEncoder.from_ref(
+            embed.text_model, embed.text_max_length, embed.text_batch_size
+        )
+        self.image_encoder = ImageEncoder.from_ref(
+            embed.image_model, embed.image_size, embed.image_batch_size
+        )
+        self.producers = [
+            (producer, load_predictor(producer.name, artifacts[producer.name]))
+            for producer in serving_producers(self.params)
+        ]
+        self.state = EnsembleState.load(artifacts[ART_ENSEMBLE])
+        self.image_policy = ImagePolicy.from_config(self.params.serving, self.params.fetch)
+        self.intervals = ConformalCalibration.load(artifacts[ART_ENSEMBLE])
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+
+        from pricefuse.models.ensemble.intervals import IntervalLevelError, check_level
+
+        try:
+            rows = validate_input(model_input, self.params.serving.max_text_chars)
+            level = check_level((params or {}).get(PARAM_LEVEL, self.params.serving.interval_level))
+        except (InvalidInputError, IntervalLevelError) as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        from pricefuse.core.timings import Stopwatch
+        from pricefuse.data.images import image_columns, load_images
+
+        watch = Stopwatch()
+        with watch("image load"):
+            outcomes = load_images(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], self.image_policy)
+        out = self.predict_prices(rows, [outcome.image for outcome in outcomes], level, watch)
+        unpriced = np.flatnonzero(~np.isfinite(out["price"].to_numpy())).tolist()
+        if unpriced:  # parsing bounds every feature, so this is a model fault, not the request's
+            count, where = row_list(unpriced)
+            raise MlflowException(
+                f"the model produced no finite price for {count} {where}; please report these rows",
+                error_code=INTERNAL_ERROR,
+            )
+        out = out.assign(**image_columns(outcomes))
+        if INPUT_ID in rows.columns:
+            out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
+        return out
+
+    def predict_prices(
+        self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any = None
+    ) -> pd.DataFrame:
+        """`price`, `price_low`, `price_high` (interval at `level`) for validated rows (see
+        `validate_input`) and their images (None: text-only).
+
+        The wall time of each part lands in `self.last_timings` (seconds by section: image load
+        when `watch` comes from `predict`, parse, text encoder, image encoder,
+        `member <producer>`, blend) for the latency benchmark; with concurrent calls it holds
+        the last one to finish.
+        """
+        from pricefuse.core.timings import Stopwatch, torch_threads
+
+        with torch_threads(1 if len(rows) <= ONE_THREAD_ROWS else None):
+            return self._predict_prices(rows, images, level, watch or Stopwatch())
+
+    def _predict_prices(
+        self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any
+    ) -> pd.DataFrame:
+        from pricefuse.data.text_clean import parse_products
+        from pricefuse.models.ensemble.blend import meta_features, to_price
+        from pricefuse.pipeline.members import MemberBatch
+
+        with watch("parse"):
+            # the text options of the params snapshot: a request is cleaned as training was
+            parsed, _report = parse_products(rows, self.params.preprocess)
+        with watch("text encoder"):
+            text_emb = self.text_encoder.encode(list(parsed["text"]))
+        with watch("image encoder"):
+            image_emb, mask = self.image_encoder.encode(images)
+        parsed["has_image"] = mask
+        batch = MemberBatch(parsed, text_emb, image_emb, mask)
+        members = self.member_predictions(batch, watch)
+        with watch("blend"):
+            log_pred = self.state.predict_log(members, meta_features(parsed, mask))
+            low, high = self.intervals.interval(log_pred, mask, level)
+            out = pd.DataFrame({"price": to_price(log_pred), "price_low": low, "price_high": high})
+        self.last_timings = watch.seconds
+        return out
+
+    def member_predictions(self, batch: Any, watch: Any = None) -> np.ndarray:
+        """Member log predictions as columns, in the order the ensemble state expects.
+
+        Feature providers (the neighbour index) run first and add their columns to the batch,
+        and every producer's predictions join the batch as `member_<name>` columns for the
+        producers after it — exactly the columns the training stages read. `watch` (a
+        `pricefuse.core.timings.Stopwatch`) times each producer when given.
+        """
+        from pricefuse.core.timings import Stopwatch
+        from pricefuse.pipeline.members import stacked_column
+
+        watch = watch or Stopwatch()
+        by_name: dict[str, np.ndarray] = {}
+        for producer, predictor in self.producers:
+            with watch(f"member {producer.name}"):
+                if producer.feeds_features and self.params.neighbours.as_features:
+                    batch = predictor.augment(batch)
+                predicted = predictor.predict_members(batch)
+                by_name.update(predicted)
+                # later producers may take these as stacked features (gbdt.stack_members)
+                batch = batch.with_columns(
+                    pd.DataFrame({stacked_column(m): v for m, v in predicted.items()})
+                )
+        return np.column_stack([by_name[name] for name in self.state.members])
+
+
+def model_signature(interval_level: float) -> Any:
+    """Input: catalog_content (required); image_link, image_b64, sample_id (optional).
+    Param: `interval_level`, defaulting to the argument (serving.interval_level, fixed at log time).
+
+    Output: price, price_low, price_high, image_used and image_status (and the sample_id echoed
+    when given).
+    sample_id is declared `any` and checked by `validate_input`: MLflow's `long` enforcement
+    truncates 1.5 to 1 without a word, so a client's bad id would come back as another id.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType
+
+    from pricefuse.models.ensemble.intervals import check_level
+
+    inputs = Schema(
+        [
+            ColSpec("string", INPUT_TEXT),
+            ColSpec("string", INPUT_IMAGE_LINK, required=False),
+            ColSpec("string", INPUT_IMAGE_B64, required=False),
+            ColSpec(AnyType(), INPUT_ID, required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("double", "price"),
+            ColSpec("double", "price_low"),
+            ColSpec("double", "price_high"),
+            ColSpec("boolean", "image_used"),
+            ColSpec("string", "image_status"),
+        ]
+    )
+    level = ParamSchema([ParamSpec(PARAM_LEVEL, "double", check_level(interval_level))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=level)
+
+
+def input_example(test_csv: str | Path, rows: int = 3) -> pd.DataFrame:
+    """The first rows of the raw test CSV, in the request's columns: the model's input example."""
+    raw = pd.read_csv(test_csv, nrows=rows)
+    return raw[[c for c in (INPUT_TEXT, INPUT_IMAGE_LINK) if c in raw.columns]]
+
+
+def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[str, Any]:
+    """Log the pyfunc (inside the active run) and register it when params say so.
+
+    Artifacts are the trained members' directories and the params snapshot; encoders are
+    referenced (`pkg:`/`hf:` refs resolve wherever the pinned requirements are installed), and the
+    pricefuse source travels with the model as code so the model loads without this checkout.
+    """
+    import dataclasses
+    import tempfile
+
+    import pricefuse
+    from pricefuse.pipeline.members import serving_producers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        params_path = Path(tmp) / "params.json"
+        params_path.write_text(json.dumps(dataclasses.asdict(params), indent=2))
+        artifacts = {p.name: str(layout.model_dir(p.name)) for p in serving_producers(params)}
+        artifacts[ART_ENSEMBLE] = str(layout.model_dir("ensemble"))
+        artifacts[ART_PARAMS] = str(params_path)
+        lock = Path("requirements.lock")
+        registered = params.mlflow.registered_model if params.ensemble.register else None
+        info = mlflow.pyfunc.log_model(
+            name="price_model",
+            python_model=str(Path(__file__).with_name("entry.py")),
+            artifacts=artifacts,
+            code_paths=[str(Path(pricefuse.__file__).parent)],
+            signature=model_signature(params.serving.interval_level),
+            input_example=test_rows,
+            pip_requirements=_requirements(lock) if lock.exists() else None,
+            registered_model_name=registered,
+        )
+    result: dict[str, Any] = {"model_uri": info.model_uri}
+    if registered:
+        result["registered_model"] = registered
+        result["registered_version"] = info.registered_model_version
+    return result
+
+
+def _requirements(lock: Path) -> list[str]:
+    """The pinned lock minus comments and local/editable entries (pricefuse ships as code)."""
+    lines = []
+    for line in lock.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", "-e", "--")) or "pricefuse" in line:
+            continue
+        lines.append(line)
+    return lines
