@@ -23,7 +23,8 @@ import pandas as pd
 from pricefuse.core.config import load_params
 from pricefuse.core.layout import Layout
 from pricefuse.core.metrics import smape_from_log
-from pricefuse.models.linear.member import LinearPredictor, fit_linear
+from pricefuse.models.linear.predictor import LinearPredictor
+from pricefuse.models.linear.training import fit_linear
 from pricefuse.pipeline.inputs import train_targets
 
 

@@ -1,4 +1,4 @@
-"""Time the neighbour-price features (pricefuse.models.neighbours.index) at competition scale.
+"""Time the neighbour-price features (pricefuse.models.neighbours.predictor) at competition scale.
 
     python benchmarks/neighbours.py                      # 75,000 train x 75,000 test rows
     python benchmarks/neighbours.py --rows 5000          # a quick check
@@ -45,7 +45,9 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.core.config import NeighboursConfig, load_params
-from pricefuse.models.neighbours.index import SPACES, NeighbourIndex, NeighbourRows, oof_features
+from pricefuse.models.neighbours.predictor import NeighbourIndex
+from pricefuse.models.neighbours.search import SPACES, NeighbourRows
+from pricefuse.models.neighbours.training import oof_features
 
 T = TypeVar("T")
 

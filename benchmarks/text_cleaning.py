@@ -43,7 +43,7 @@ from pricefuse.data.preprocess import assign_folds, clean_prices, price_outliers
 from pricefuse.data.raw import read_raw
 from pricefuse.data.text_clean import TEXT_OPTIONS_OFF, changed_rows, clean_parsed
 from pricefuse.features.tabular import parsed_features
-from pricefuse.models.linear.member import LinearPredictor
+from pricefuse.models.linear.predictor import LinearPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CSV = ROOT.parent / "shared" / "data" / "amazon2025" / "train.csv"

@@ -2,6 +2,7 @@
 
     python tools/stage_deps.py            # print each stage's code deps
     python tools/stage_deps.py --check    # exit 1 listing, per stage, modules dvc.yaml misses
+                                          # or lists without the stage importing them
     python tools/stage_deps.py --write    # rewrite the code deps (under src/) in dvc.yaml
 
 A stage runs `pricefuse <stage>`: `pricefuse.cli` plus `pricefuse.stages.<stage>`, and everything
@@ -255,16 +256,35 @@ def code_deps(dvc: Mapping, stage: str) -> list[str]:
     return [_dep_path(d) for d in dvc["stages"][stage].get("deps") or [] if is_code_dep(d)]
 
 
+def extra(needed: Iterable[str], deps: Iterable[str], every: Iterable[str]) -> list[str]:
+    """The files of `every` that some dep of `deps` covers but `needed` does not hold: an edit
+    to one of them would re-run the stage for nothing."""
+    needed = set(needed)
+    deps = list(deps)
+    return sorted(
+        path for path in every if path not in needed and any(covers(d, path) for d in deps)
+    )
+
+
+def module_files(root: Path = ROOT) -> list[str]:
+    """Every module file of the package, repo-relative posix paths."""
+    return sorted(_relative(path, root) for path in discover(root / SRC, PACKAGE).values())
+
+
 def check(root: Path = ROOT) -> dict[str, dict[str, list[str]]]:
-    """Per stage with a problem: {"missing": needed files no dep covers, "stale": code deps that
-    do not exist (dvc repro would fail on them)}."""
+    """Per stage with a problem: {"missing": needed files no dep covers, "extra": files a dep
+    covers that the stage never imports, "stale": code deps that do not exist (dvc repro would
+    fail on them)}."""
     dvc = load_dvc(root / "dvc.yaml")
     runs_module = set(code_stages(dvc, root))
+    every = module_files(root)
     problems: dict[str, dict[str, list[str]]] = {}
     for stage in dvc.get("stages", {}):
         code = code_deps(dvc, stage)
+        needed = stage_files(stage, root) if stage in runs_module else []
         found = {
-            "missing": missing(stage_files(stage, root), code) if stage in runs_module else [],
+            "missing": missing(needed, code) if stage in runs_module else [],
+            "extra": extra(needed, code, every) if stage in runs_module else [],
             "stale": [d for d in code if not (root / d).exists()],
         }
         if any(found.values()):
@@ -349,12 +369,14 @@ def main(argv: list[str] | None = None) -> int:
         for stage, found in problems.items():
             for path in found["missing"]:
                 print(f"{stage}: dvc.yaml misses {path}")
+            for path in found["extra"]:
+                print(f"{stage}: dvc.yaml re-runs it on edits to {path}, which it never imports")
             for path in found["stale"]:
                 print(f"{stage}: dvc.yaml lists {path}, which does not exist")
         if problems:
             print(f"run `{WRITE_HINT}`", file=sys.stderr)
             return 1
-        print("dvc.yaml: every stage's code deps cover its imports")
+        print("dvc.yaml: every stage's code deps are exactly its imports")
         return 0
     dvc = load_dvc(root / "dvc.yaml")
     for stage in code_stages(dvc, root):

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pricefuse.cli import STAGES  # every stage the CLI offers is a dvc.yaml stage, in order
+from pricefuse.stages import STAGES  # every stage the CLI offers is a dvc.yaml stage, in order
 from tests.support import model_server, run_cmd
 
 pytestmark = pytest.mark.integration
@@ -145,6 +145,25 @@ def test_dvc_repro_runs_every_stage(project: Path):
 def test_second_repro_is_a_noop(project: Path):
     result = run_cmd(["dvc", "repro"], project)  # its time: python benchmarks/dvc_noop.py
     assert "Running stage" not in result.stdout
+
+
+def _stale_stages(root: Path) -> list[str]:
+    """The stages `dvc status` reports as changed, in pipeline order."""
+    status = json.loads(run_cmd(["dvc", "status", "--json"], root).stdout or "{}")
+    return [stage for stage in STAGES if stage in status]
+
+
+def test_a_booster_edit_leaves_the_embedding_and_the_other_members_up_to_date(project: Path):
+    booster = project / "src/pricefuse/models/gbdt/boosters.py"
+    original = booster.read_text()
+    booster.write_text(original + "\n# an edit a user tuning a booster would make\n")
+    try:
+        stale = _stale_stages(project)
+    finally:
+        booster.write_text(original)
+    print("dvc status after editing models/gbdt/boosters.py:", stale)
+    assert stale == ["train_gbdt", "ensemble"], stale  # the two that import it
+    assert _stale_stages(project) == []  # the edit undone: nothing to re-run
 
 
 # the README's command: the version holding the alias. After the first repro that is version 1,

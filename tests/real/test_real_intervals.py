@@ -1,7 +1,7 @@
 """Price-interval coverage on the real competition rows (skipped when ../shared is absent).
 
 The OOF vector is the linear (n-gram) member's, fitted here on the preprocess stage's group folds
-(`pricefuse.models.linear.member.fit_linear`, default params): the cheapest honest OOF predictions
+(`pricefuse.models.linear.training.fit_linear`, default params): the cheapest honest OOF predictions
 of the
 real rows (about a minute on two cores), calibrated exactly as the ensemble stage calibrates its
 own OOF predictions. `has_image` is "a local copy of the row's image exists" (the pipeline's
@@ -20,7 +20,7 @@ from pricefuse.core.layout import HAS_IMAGE, IMAGE_PATH, LOG_PRICE
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.preprocess import assign_folds, clean_prices
 from pricefuse.models.ensemble.intervals import REPORT_LEVELS, coverage_table
-from pricefuse.models.linear.member import fit_linear
+from pricefuse.models.linear.training import fit_linear
 from tests.support import project_params
 
 

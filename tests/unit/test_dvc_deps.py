@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pricefuse.cli import STAGES
+from pricefuse.stages import STAGES
 from tools import stage_deps
 from tools.stage_deps import closure, collapse, discover, missing
 
@@ -37,6 +37,55 @@ def test_dvc_deps_cover_every_module_the_stage_imports(stage: str, dvc_stages: d
     assert not stale, f"dvc.yaml stage {stage!r} lists {stale}, which do not exist. Run " + (
         f"`{stage_deps.WRITE_HINT}`."
     )
+
+
+@pytest.fixture(scope="module")
+def closures() -> dict[str, set[str]]:
+    return {stage: set(stage_deps.stage_files(stage, REPO)) for stage in STAGES}
+
+
+@pytest.mark.parametrize("module", stage_deps.module_files(REPO))
+def test_an_edit_to_a_module_reruns_exactly_the_stages_that_import_it(
+    module: str, dvc_stages: dict, closures: dict[str, set[str]]
+) -> None:
+    """For every module: the stages DVC would re-run after an edit to it (a code dep covers it)
+    are exactly the stages whose import closure holds it."""
+    rerun = set()
+    for stage in STAGES:
+        deps = [d if isinstance(d, str) else next(iter(d)) for d in dvc_stages[stage]["deps"]]
+        if any(stage_deps.covers(dep, module) for dep in deps if dep.startswith("src/")):
+            rerun.add(stage)
+    importing = {stage for stage in STAGES if module in closures[stage]}
+    assert rerun == importing, (
+        f"an edit to {module} re-runs {sorted(rerun)} but only {sorted(importing)} import it: "
+        f"run `{stage_deps.WRITE_HINT}`"
+    )
+
+
+def test_booster_code_is_in_no_stage_upstream_of_the_boosters(
+    closures: dict[str, set[str]],
+) -> None:
+    """The case that mattered: tuning a booster must never re-run the embedding (hours on the
+    full data) or the other members' training."""
+    boosters = "src/pricefuse/models/gbdt/boosters.py"
+    for stage in ("fetch_images", "preprocess", "embed", "neighbours", "train_linear"):
+        assert boosters not in closures[stage], stage
+    for stage in ("train_fusion", "train_text"):
+        assert boosters not in closures[stage], stage
+    assert boosters in closures["train_gbdt"] and boosters in closures["ensemble"]
+
+
+def test_check_names_a_dep_the_stage_never_imports(tmp_path: Path, capsys) -> None:
+    shutil.copytree(REPO / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    text = (REPO / "dvc.yaml").read_text()
+    marker = "      - src/pricefuse/stages/embed.py\n"
+    assert marker in text
+    (tmp_path / "dvc.yaml").write_text(
+        text.replace(marker, marker + "      - src/pricefuse/models/gbdt/boosters.py\n", 1)
+    )
+    assert stage_deps.main(["--check", "--root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "embed: dvc.yaml re-runs it on edits to src/pricefuse/models/gbdt/boosters.py" in out
 
 
 def test_write_restores_code_deps_and_keeps_everything_else(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ import pytest
 from test_neighbours import rows
 
 from pricefuse.core.metrics import smape_from_log
-from pricefuse.models.linear.member import LinearPredictor, fit_linear
+from pricefuse.models.linear.predictor import LinearPredictor
+from pricefuse.models.linear.training import fit_linear
 from tests.support import project_params
 
 CFG = replace(project_params().linear, min_df=1, char_max_features=5000, alpha=1.0)

@@ -9,16 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricefuse.models.neighbours.index import (
-    NeighbourIndex,
+from pricefuse.models.neighbours.predictor import NeighbourIndex, knn_estimate
+from pricefuse.models.neighbours.search import (
     NeighbourRows,
     feature_names,
-    knn_estimate,
     neighbour_stats,
-    oof_features,
     search_dense,
     search_sparse,
 )
+from pricefuse.models.neighbours.training import oof_features
 from tests.support import project_params
 
 BRANDS = ["acme", "zenith", "orbit", "delta", "nova", "pico", "quartz", "ridge"]

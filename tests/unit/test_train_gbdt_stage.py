@@ -19,8 +19,8 @@ from pricefuse.core.errors import StageError
 from pricefuse.core.layout import Layout
 from pricefuse.core.metrics import smape_from_log
 from pricefuse.core.rows import row_hash
+from pricefuse.models.gbdt.member import train_gbdt_members
 from pricefuse.models.gbdt.predictor import GbdtPredictor
-from pricefuse.models.gbdt.training import train_gbdt_members
 from pricefuse.pipeline.members import MemberBatch
 from pricefuse.recording import tracking
 from pricefuse.stages import train_gbdt

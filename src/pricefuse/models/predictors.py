@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 PREDICTORS: dict[str, str] = {
-    "neighbours": "pricefuse.models.neighbours.index:NeighbourIndex",
-    "linear": "pricefuse.models.linear.member:LinearPredictor",
+    "neighbours": "pricefuse.models.neighbours.predictor:NeighbourIndex",
+    "linear": "pricefuse.models.linear.predictor:LinearPredictor",
     "text": "pricefuse.models.text.predictor:TextPredictor",
     "fusion": "pricefuse.models.fusion.predictor:FusionPredictor",
     "gbdt": "pricefuse.models.gbdt.predictor:GbdtPredictor",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pricefuse.core.config import Params
 from pricefuse.core.layout import Layout
-from pricefuse.models.gbdt.training import PRODUCER, train_gbdt_members
+from pricefuse.models.gbdt.member import PRODUCER, train_gbdt_members
 from pricefuse.pipeline.inputs import load_stage_rows, stage_upstream
 from pricefuse.recording import tracking
 

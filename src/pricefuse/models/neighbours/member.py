@@ -19,14 +19,9 @@ from pricefuse.core.errors import StageError
 from pricefuse.core.layout import ID, Layout
 from pricefuse.core.metrics import smape_from_log
 from pricefuse.core.records import StageRecord
-from pricefuse.models.neighbours.index import (
-    MEMBER,
-    SPACES,
-    NeighbourIndex,
-    NeighbourRows,
-    knn_estimate,
-    oof_features,
-)
+from pricefuse.models.neighbours.predictor import MEMBER, NeighbourIndex, knn_estimate
+from pricefuse.models.neighbours.search import SPACES, NeighbourRows
+from pricefuse.models.neighbours.training import oof_features
 from pricefuse.pipeline.inputs import train_targets
 from pricefuse.pipeline.members import MemberBatch
 from pricefuse.pipeline.predictions import write_member_predictions
