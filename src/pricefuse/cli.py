@@ -21,7 +21,6 @@ from pricefuse.stages import STAGES
 compat.apply_env_defaults()
 
 
-
 def _params_options(func: Callable) -> Callable:
     func = click.option(
         "--set",

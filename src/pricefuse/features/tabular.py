@@ -32,7 +32,7 @@ from pricefuse.core.layout import NAME_AS_WRITTEN
 compat.apply_env_defaults()
 
 # Columns taken as they are when the table has them: neighbour-price features
-# (pricefuse.models.neighbours.index) and stacked member predictions (`member_<name>`, log1p).
+# (pricefuse.models.neighbours.predictor) and stacked member predictions (`member_<name>`, log1p).
 EXTRA_PREFIXES = ("nbr_", "member_")
 # Parsed columns used as they are (numbers and 0/1 flags).
 NUMERIC_COLUMNS = (
