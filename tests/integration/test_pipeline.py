@@ -28,7 +28,7 @@ TINY = {
     "demo": {"n_train": 180, "n_test": 40, "image_size": 64},
     "preprocess": {"n_folds": 3},
     "embed": {"text_max_length": 64},
-    "fusion": {"epochs": 6, "hidden": 64, "patience": 3},
+    "fusion": {"epochs": 6, "patience": 3},
     "gbdt": {"n_estimators": 60, "text_pca": 8, "image_pca": 4},
     "neighbours": {"k": 5},
     "linear": {"char_max_features": 20000},

@@ -32,7 +32,7 @@ TEAM = {
     "demo": {"n_train": 120, "n_test": 24, "image_size": 48},
     "preprocess": {"n_folds": 2},
     "embed": {"text_max_length": 32},
-    "fusion": {"epochs": 4, "hidden": 32, "patience": 2},
+    "fusion": {"epochs": 4, "patience": 2},
     "gbdt": {"boosters": ["lightgbm"], "n_estimators": 30, "text_pca": 4, "image_pca": 2},
     "neighbours": {"k": 5},
     "linear": {"char_max_features": 5000},

@@ -67,9 +67,9 @@ def _exp_show(name: str = "sixty-huck") -> str:
 
 
 def test_empty_overrides_are_dropped():
-    assert ex.effective_overrides(["fusion.lr=", "fusion.epochs=3", "fusion.hidden= "]) == [
-        ("fusion.epochs", 3)
-    ]
+    assert ex.effective_overrides(
+        ["fusion.lr=", "fusion.epochs=3", "fusion.heads.gated_residual.hidden= "]
+    ) == [("fusion.epochs", 3)]
 
 
 def test_set_args_carry_the_validated_typed_values():
@@ -77,7 +77,7 @@ def test_set_args_carry_the_validated_typed_values():
         [
             "fusion.lr=1e-3",  # a string to YAML, the float 0.001 after validation
             "fusion.epochs=1e1",
-            "fusion.dropout=",
+            "fusion.heads.gated_residual.dropout=",
             "ablation.fusion_variants=[text, all]",
             "embed.text_model=pkg:it's a\\",
             "ensemble.register=false",

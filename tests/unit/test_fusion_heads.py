@@ -28,6 +28,7 @@ TEXT_DIM, IMAGE_DIM, N_UNITS, N_NUMERIC = 12, 10, 5, 8
 # Tiny versions of params.yaml's per-head sections: the shapes of the write-ups, few weights.
 TINY = dataclasses.replace(
     CFG.heads,
+    gated_residual=dataclasses.replace(CFG.heads.gated_residual, hidden=16),
     projection_mlp=dataclasses.replace(CFG.heads.projection_mlp, proj_dim=8, widths=(16, 8)),
     towers=dataclasses.replace(CFG.heads.towers, tower_dim=8, widths=(8,)),
     dcn=dataclasses.replace(CFG.heads.dcn, proj_dim=4, cross_layers=2, widths=(8,)),
@@ -35,7 +36,7 @@ TINY = dataclasses.replace(
         CFG.heads.cross_attention, d_model=8, n_heads=2, text_tokens=2, image_tokens=2, widths=(8,)
     ),
 )
-TINY_CFG = dataclasses.replace(CFG, hidden=16, heads=TINY)
+TINY_CFG = dataclasses.replace(CFG, heads=TINY)
 ARCHS = sorted(HEADS)
 
 
@@ -43,7 +44,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_head(name: str, joint: bool = True, output: str = "affine") -> FusionHeadBase:
-    section = getattr(TINY, name, None)
+    """gated_residual: hidden 16 and HeadArch's default blocks and dropout (its knobs are those
+    fields, `options` stay empty); the others: their TINY section as options."""
+    section = getattr(TINY, name)
     arch = HeadArch(
         text_dim=TEXT_DIM,
         image_dim=IMAGE_DIM,
@@ -54,7 +57,7 @@ def make_head(name: str, joint: bool = True, output: str = "affine") -> FusionHe
         arch=name,
         output=output,
         joint_dim=TEXT_DIM if joint else 0,
-        options=dataclasses.asdict(section) if section is not None else {},
+        options={} if name == "gated_residual" else dataclasses.asdict(section),
     )
     torch.manual_seed(0)
     head = build_head(arch)
@@ -250,8 +253,12 @@ def test_head_arch_takes_the_chosen_heads_knobs() -> None:
     spec = InputSpec.fit(synthetic(40, seed=3))
     dcn = head_arch(dataclasses.replace(TINY_CFG, arch="dcn"), spec)
     assert dcn.options == dataclasses.asdict(TINY.dcn) and dcn.joint_dim == 0
-    gated = dataclasses.replace(TINY_CFG, arch="gated_residual")
-    assert head_arch(gated, spec).options == {}  # gated_residual: fusion.hidden etc.
+    assert (dcn.hidden, dcn.n_blocks, dcn.dropout) == (256, 2, 0.15)  # HeadArch's, unread
+    # gated_residual's knobs are HeadArch's own fields, where saved manifests have them.
+    gated = head_arch(dataclasses.replace(TINY_CFG, arch="gated_residual"), spec)
+    assert gated.options == {}
+    assert (gated.hidden, gated.n_blocks, gated.dropout) == (16, 1, 0.1)
+    assert dataclasses.asdict(TINY.gated_residual) == {"hidden": 16, "n_blocks": 1, "dropout": 0.1}
 
 
 def test_a_last_batch_of_one_row_still_trains_batchnorm_heads() -> None:

@@ -174,7 +174,14 @@ def tiny_problem() -> tuple:
     (every loss reaches about half the constant predictor's SMAPE on it: 37-40 vs 76)."""
     data = synthetic(400, seed=8)
     data.frame["fold"] = data.frame["fold"] % 2
-    cfg = dataclasses.replace(CFG, epochs=15, hidden=16, patience=15, loss_switch=0.5)
+    gated = dataclasses.replace(CFG.heads.gated_residual, hidden=16)
+    cfg = dataclasses.replace(
+        CFG,
+        epochs=15,
+        patience=15,
+        loss_switch=0.5,
+        heads=dataclasses.replace(CFG.heads, gated_residual=gated),
+    )
     return data, cfg
 
 

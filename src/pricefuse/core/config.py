@@ -1,4 +1,4 @@
-"""params.yaml -> frozen dataclasses, with dotted overrides.
+"""params.yaml -> frozen dataclasses, with dotted overrides, and which keys a configuration reads.
 
 Why frozen dataclasses: a stage sees exactly the parameters that exist (a typo in params.yaml or
 in `--set` fails loudly instead of silently training with a default), and nothing downstream can
@@ -12,9 +12,10 @@ instead of a second copy of the value here silently taking over (or drifting fro
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -98,7 +99,7 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class NeighboursConfig:
-    """Neighbour-price features and the `knn` member (pricefuse.models.neighbours.index)."""
+    """Neighbour-price features and the `knn` member (pricefuse.models.neighbours.predictor)."""
 
     spaces: tuple[str, ...]
     k: int
@@ -119,6 +120,15 @@ class LinearConfig:
     min_df: int
     char_max_features: int
     alpha: float
+
+
+@dataclass(frozen=True)
+class GatedResidualConfig:
+    """`fusion.arch: gated_residual` (pricefuse.models.fusion.heads.gated_residual)."""
+
+    hidden: int
+    n_blocks: int
+    dropout: float
 
 
 @dataclass(frozen=True)
@@ -163,9 +173,9 @@ class CrossAttentionConfig:
 
 @dataclass(frozen=True)
 class FusionHeadsConfig:
-    """Each head's own knobs; only the section of `fusion.arch` is used (gated_residual's are
-    fusion.hidden / n_blocks / dropout)."""
+    """Each head's own knobs; only the section of `fusion.arch` is used."""
 
+    gated_residual: GatedResidualConfig
     projection_mlp: ProjectionMlpConfig
     towers: TowersConfig
     dcn: DcnConfig
@@ -178,9 +188,6 @@ class FusionConfig:
     weight_decay: float
     epochs: int
     batch_size: int
-    hidden: int
-    n_blocks: int
-    dropout: float
     unit_dim: int
     patience: int
     loss: str
@@ -483,3 +490,227 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 def to_dict(params: Params) -> dict[str, Any]:
     return dataclasses.asdict(params)
+
+
+# ---- keys the configuration ignores ---------------------------------------------------------
+#
+# Some keys matter only under a condition: a head's knobs when that head is `fusion.arch`, a
+# loss's parameter when that loss trains, every `text` key when the text member is in the
+# ensemble. An override of such a key under a configuration that ignores it would run a stage
+# (hours, for some) and record an experiment that differs from the last in name only, so
+# `pricefuse experiment` refuses it up front (`ignored_overrides`), after merging all the
+# overrides: `fusion.arch=gated_residual` and `fusion.heads.gated_residual.hidden=512` together
+# are fine. The table is what the code reads; a key not in it is read whatever else is set.
+
+
+class Unread(typing.NamedTuple):
+    """Why a key is not read: who would read it (`reader`), what the configuration says instead
+    (`state`) and the setting under which it would be read (`needs`: dotted key, value). Not a
+    dataclass: every dataclass here is a section of the schema."""
+
+    reader: str
+    state: str
+    needs: tuple[str, str]
+
+
+Condition = Callable[[Params, str], Unread | None]
+
+_BOOSTER_SECTIONS = ("lightgbm", "xgboost", "catboost")  # GbdtConfig's per-booster sections
+_HUBER_LOSSES = ("huber", "huber_smape")
+
+
+def _show(value: Any) -> str:
+    """A value as an override spells it: lists as `[a,b]`, booleans as true/false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple | list):
+        return "[" + ",".join(_show(item) for item in value) + "]"
+    return str(value)
+
+
+def _loss_phases(params: Params) -> tuple[str, ...]:
+    """The losses `fusion.loss` trains with: one name, or the two of `first>second`
+    (pricefuse.models.fusion.losses.PHASE_SEPARATOR)."""
+    return tuple(part.strip() for part in params.fusion.loss.split(">"))
+
+
+def _head_section(params: Params, key: str) -> Unread | None:
+    arch = key.split(".")[2]
+    if params.fusion.arch == arch:
+        return None
+    return Unread(
+        f"only the {arch} head reads it",
+        f"fusion.arch is {params.fusion.arch}",
+        ("fusion.arch", arch),
+    )
+
+
+def _fusion_huber_delta(params: Params, key: str) -> Unread | None:
+    if set(_loss_phases(params)) & set(_HUBER_LOSSES):
+        return None
+    return Unread(
+        "only the huber and huber_smape losses read it",
+        f"fusion.loss is {params.fusion.loss}",
+        ("fusion.loss", "huber_smape"),
+    )
+
+
+def _smooth_l1_beta(params: Params, key: str) -> Unread | None:
+    if "smooth_l1" in _loss_phases(params):
+        return None
+    return Unread(
+        "only the smooth_l1 loss reads it",
+        f"fusion.loss is {params.fusion.loss}",
+        ("fusion.loss", "smooth_l1"),
+    )
+
+
+def _loss_switch(params: Params, key: str) -> Unread | None:
+    if len(_loss_phases(params)) > 1:
+        return None
+    return Unread(
+        "only a two-phase loss schedule (first>second) reads it",
+        f"fusion.loss is {params.fusion.loss}",
+        ("fusion.loss", "huber>smape"),
+    )
+
+
+def _text_member(params: Params, key: str) -> Unread | None:
+    members = params.ensemble.members
+    if "text" in members:
+        return None
+    return Unread(
+        "only the text member reads it",
+        'ensemble.members has no text, so train_text only records "disabled"',
+        ("ensemble.members", _show((*members, "text"))),
+    )
+
+
+def _lora(params: Params, key: str) -> Unread | None:
+    if params.text.kind == "decoder_lora":
+        return None
+    return Unread(
+        "only text.kind decoder_lora reads it",
+        f"text.kind is {params.text.kind}",
+        ("text.kind", "decoder_lora"),
+    )
+
+
+def _text_huber_delta(params: Params, key: str) -> Unread | None:
+    epochs, smape_epochs = params.text.epochs, params.text.smape_epochs
+    if smape_epochs < epochs:
+        return None
+    return Unread(
+        "only the Huber epochs (the first text.epochs - text.smape_epochs) read it",
+        f"text.smape_epochs is {smape_epochs} of text.epochs {epochs}",
+        ("text.smape_epochs", str(max(epochs - 1, 0))),
+    )
+
+
+def _gbdt_huber_delta(params: Params, key: str) -> Unread | None:
+    if params.gbdt.objective == "huber":
+        return None
+    return Unread(
+        "only gbdt.objective huber reads it",
+        f"gbdt.objective is {params.gbdt.objective}",
+        ("gbdt.objective", "huber"),
+    )
+
+
+def _booster_section(params: Params, key: str) -> Unread | None:
+    booster, boosters = key.split(".")[1], params.gbdt.boosters
+    if booster in boosters:
+        return None
+    return Unread(
+        f"only the {booster} booster reads it",
+        f"gbdt.boosters is {_show(boosters)}",
+        ("gbdt.boosters", _show((*boosters, booster))),
+    )
+
+
+def _stack_alpha(params: Params, key: str) -> Unread | None:
+    stackers = params.ensemble.stackers
+    if "ridge" in stackers:
+        return None
+    return Unread(
+        "only the ridge stacker reads it",
+        f"ensemble.stackers is {_show(stackers)}",
+        ("ensemble.stackers", _show((*stackers, "ridge"))),
+    )
+
+
+# (key, or `section.*` for every key under it; the condition under which it is read). A key
+# matching several entries must meet them all (`text.lora.r`: the text member, decoder_lora).
+READ_ONLY_WHEN: tuple[tuple[str, Condition], ...] = (
+    ("fusion.heads.*", _head_section),
+    ("fusion.huber_delta", _fusion_huber_delta),
+    ("fusion.smooth_l1_beta", _smooth_l1_beta),
+    ("fusion.loss_switch", _loss_switch),
+    ("text.*", _text_member),
+    ("text.lora.*", _lora),
+    ("text.huber_delta", _text_huber_delta),
+    ("gbdt.huber_delta", _gbdt_huber_delta),
+    *((f"gbdt.{booster}.*", _booster_section) for booster in _BOOSTER_SECTIONS),
+    ("ensemble.stack_alpha", _stack_alpha),
+)
+
+
+def _matches(pattern: str, key: str) -> bool:
+    if pattern.endswith(".*"):
+        return key.startswith(pattern[:-1])
+    return key == pattern
+
+
+def unread_reasons(params: Params, key: str) -> list[Unread]:
+    """Every condition of READ_ONLY_WHEN that `key` (dotted) is subject to and `params` fails;
+    empty when the configuration reads it."""
+    found = (
+        condition(params, key) for pattern, condition in READ_ONLY_WHEN if _matches(pattern, key)
+    )
+    return [reason for reason in found if reason is not None]
+
+
+def _dotted_value(params: Params, key: str) -> Any:
+    node: Any = params
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _arg(name: str, value: str) -> str:
+    """`name=value` as a shell word: quoted when it holds `>` (a loss schedule) or `[...]`."""
+    return shlex.quote(f"{name}={value}")
+
+
+def ignored_overrides(
+    params: Params, keys: Iterable[str], flags: Mapping[str, str] | None = None
+) -> list[str]:
+    """One message per key of `keys` (overrides already merged into `params`) that `params`
+    ignores, naming the value, who reads the key, why not now and what to set too, e.g.
+    `fusion.heads.gated_residual.hidden=512 would change nothing: only the gated_residual head
+    reads it and fusion.arch is dcn (pass -P arch=gated_residual too)`.
+
+    `flags` maps dotted keys to the MLproject `-P` names that set them: the fix is then phrased
+    as `-P name=value` (or, for a key no -P sets, params.yaml); without it as `--set key=value`.
+    """
+    messages = []
+    for key in dict.fromkeys(keys):
+        reasons = unread_reasons(params, key)
+        if not reasons:
+            continue
+        why = "; ".join(f"{reason.reader} and {reason.state}" for reason in reasons)
+        fixes = [reason.needs for reason in reasons]
+        if flags is None:
+            hint = "pass " + " and ".join(f"--set {_arg(k, v)}" for k, v in fixes) + " too"
+        else:
+            passed = [f"-P {_arg(flags[k], v)}" for k, v in fixes if k in flags]
+            edited = [f"{k}: {v}" for k, v in fixes if k not in flags]
+            hint = "; ".join(
+                [
+                    *(["pass " + " and ".join(passed) + " too"] if passed else []),
+                    *([f"set {', '.join(edited)} in params.yaml too"] if edited else []),
+                ]
+            )
+        value = _show(_dotted_value(params, key))
+        messages.append(f"{key}={value} would change nothing: {why} ({hint})")
+    return messages

@@ -31,6 +31,7 @@ from pricefuse.core.config import (
     ConfigError,
     Params,
     flatten,
+    ignored_overrides,
     load_params,
     load_raw,
     parse_override,
@@ -39,6 +40,7 @@ from pricefuse.core.lineage import read_meta
 from pricefuse.recording.tracking import JOIN_STAGE_ENV
 
 DVC_YAML = Path("dvc.yaml")
+MLPROJECT = Path("MLproject")
 PARAMS_YAML = Path("params.yaml")  # the file dvc.yaml reads and `dvc exp run -S` writes
 MLFLOW_RUN_ENV = "MLFLOW_RUN_ID"
 _RAN_RE = re.compile(r"^Ran experiment\(s\):\s*(\S+)", re.MULTILINE)
@@ -49,6 +51,8 @@ _STAGE_RE = re.compile(
     re.MULTILINE,
 )
 _VAR_RE = re.compile(r"\$\{\s*([^}\s]+)\s*\}")
+# `--set fusion.lr={lr}` in an MLproject entry point's command: (dotted key, -P parameter).
+_SET_PARAM_RE = re.compile(r"--set\s+([^\s=]+)=\{(\w+)\}")
 
 
 # ---- overrides -> `dvc exp run -S` -------------------------------------------------------
@@ -107,10 +111,40 @@ def set_param_args(overrides: Iterable[str], params: Params) -> list[str]:
     return args
 
 
-def validate(overrides: Sequence[str], params_path: Path = PARAMS_YAML) -> list[str]:
-    """Check the overrides against the params schema (ConfigError on a typo or a wrong type,
-    before anything runs) and return the `-S` arguments."""
-    return set_param_args(overrides, load_params(params_path, overrides))
+def validate(
+    overrides: Sequence[str],
+    params_path: Path = PARAMS_YAML,
+    flags: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Check the overrides against the params schema and that the configuration they make reads
+    each of them (pricefuse.core.config.ignored_overrides: a key it ignores would run the stage
+    for nothing), and return the `-S` arguments. ConfigError, before anything runs, on a typo, a
+    wrong type or an ignored key; `flags` (key -> MLproject -P name) phrases the fix as -P."""
+    params = load_params(params_path, overrides)
+    args = set_param_args(overrides, params)
+    ignored = ignored_overrides(
+        params, [key for key, _value in effective_overrides(overrides)], flags
+    )
+    if ignored:
+        raise ConfigError("\n".join(ignored))
+    return args
+
+
+# ---- MLproject: which -P sets which key ----------------------------------------------------
+
+
+def mlproject_sets(command: str) -> dict[str, str]:
+    """dotted key -> -P parameter for each `--set KEY={param}` of an entry point's command."""
+    return dict(_SET_PARAM_RE.findall(command))
+
+
+def entry_point_flags(stage: str, mlproject_path: Path = MLPROJECT) -> dict[str, str]:
+    """`mlproject_sets` of the MLproject entry point named `stage` (empty without one)."""
+    if not mlproject_path.is_file():
+        return {}
+    project = yaml.safe_load(mlproject_path.read_text()) or {}
+    entry = (project.get("entry_points") or {}).get(stage) or {}
+    return mlproject_sets(str(entry.get("command", "")))
 
 
 # ---- dvc.yaml: outputs and the stage graph -----------------------------------------------
@@ -431,15 +465,16 @@ def run_experiment(stage: str, overrides: Sequence[str], name: str | None = None
     Under `mlflow run` (MLFLOW_RUN_ID set) the stage joins that run; a stale upstream stage that
     DVC re-runs first logs a child run of it instead (JOIN_STAGE_ENV), so the run holds exactly
     one stage's params and metrics (pricefuse.recording.tracking.route_mlflow_run). ConfigError,
-    before
-    anything runs, on a bad override.
+    before anything runs, on a bad override or one the configuration ignores.
     """
     if not DVC_YAML.is_file():
         raise ConfigError(f"no {DVC_YAML} here: run from the project root")
     dvc_yaml = yaml.safe_load(DVC_YAML.read_text()) or {}
     if stage not in (dvc_yaml.get("stages") or {}):
         raise ConfigError(f"{stage} is not a stage of {DVC_YAML}")
-    set_args = validate(overrides)
+    # Under `mlflow run` the overrides came as -P: say which -P to pass with a refused one.
+    flags = entry_point_flags(stage) if os.environ.get(MLFLOW_RUN_ENV) else None
+    set_args = validate(overrides, flags=flags)
     params_before = PARAMS_YAML.read_text()
     before = load_raw(PARAMS_YAML)
 

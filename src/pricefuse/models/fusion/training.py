@@ -13,13 +13,14 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from tqdm.auto import tqdm
 
-from pricefuse.core.config import FusionConfig
+from pricefuse.core.config import FusionConfig, GatedResidualConfig
 from pricefuse.core.metrics import smape_from_log
 from pricefuse.models.fusion.heads import FusionHeadBase, HeadArch, build_head
 from pricefuse.models.fusion.inputs import FusionInputs, InputSpec, SplitData, to_tensor
@@ -67,22 +68,31 @@ def _schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> LRScheduler
 
 
 def head_arch(cfg: FusionConfig, spec: InputSpec) -> HeadArch:
-    """The head `cfg.arch` over the inputs `spec` builds; the chosen head's own knobs come from
-    `fusion.heads.<arch>` (gated_residual has none there: hidden / n_blocks / dropout)."""
+    """The head `cfg.arch` over the inputs `spec` builds, with the chosen head's own knobs from
+    `fusion.heads.<arch>`.
+
+    gated_residual's knobs go into HeadArch's own `hidden` / `n_blocks` / `dropout` fields, where
+    every saved manifest has them (format 1 knew no other head), and its `options` stay empty;
+    the other heads' go into `options`, and those three fields keep HeadArch's defaults (unread).
+    """
     section = getattr(cfg.heads, cfg.arch, None)
+    own: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    if isinstance(section, GatedResidualConfig):
+        own = dataclasses.asdict(section)
+    elif section is not None:
+        options = dataclasses.asdict(section)
     return HeadArch(
         text_dim=spec.text_dim,
         image_dim=spec.image_dim,
         n_units=spec.n_units,
         n_numeric=spec.n_numeric,
-        hidden=cfg.hidden,
-        n_blocks=cfg.n_blocks,
-        dropout=cfg.dropout,
         unit_dim=cfg.unit_dim,
         arch=cfg.arch,
         output=cfg.output,
         joint_dim=spec.joint_dim,
-        options=dataclasses.asdict(section) if section is not None else {},
+        options=options,
+        **own,
     )
 
 

@@ -42,8 +42,10 @@ class HeadArch:
     """Everything needed to rebuild a head: saved next to the weights of each fold.
 
     Fields after `unit_dim` were added with the other heads; their defaults are what a format-1
-    manifest (the gated residual head only) meant. `options` holds the chosen head's own knobs
-    (params.yaml `fusion.heads.<arch>`); gated_residual uses hidden / n_blocks / dropout.
+    manifest (the gated residual head only) meant. The chosen head's own knobs (params.yaml
+    `fusion.heads.<arch>`) are in `options`, except gated_residual's: `hidden` / `n_blocks` /
+    `dropout` here, where every saved manifest has them (its `options` stay empty; the other
+    heads leave these three at their defaults and never read them).
     """
 
     text_dim: int

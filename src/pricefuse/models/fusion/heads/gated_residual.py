@@ -50,7 +50,8 @@ class ResidualBlock(nn.Module):
 
 
 class GatedResidualHead(FusionHeadBase):
-    """LORAverse's head; width `hidden`, `n_blocks` residual blocks, `dropout`."""
+    """LORAverse's head; width `hidden`, `n_blocks` residual blocks, `dropout` (params.yaml
+    `fusion.heads.gated_residual`, kept in HeadArch's own fields of those names)."""
 
     def build(self) -> None:
         arch, h = self.arch, self.arch.hidden
