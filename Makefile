@@ -1,9 +1,13 @@
 # Two commands matter: `make demo` (set up + run the whole pipeline on generated demo data)
 # and `make test` (set up + run the test suite). Everything installs from requirements.lock.
+# GPU=1 (`make setup GPU=1`, `make demo GPU=1`, ...): the CUDA environment instead, .venv-gpu
+# from requirements-gpu.lock (docs/gpu.md).
 SHELL := /bin/bash
 PYENV_PY := $(shell command -v pyenv >/dev/null 2>&1 && echo "$$(pyenv root)/versions/3.11.7/bin/python")
 PYTHON ?= $(if $(wildcard $(PYENV_PY)),$(PYENV_PY),python3.11)
-VENV ?= .venv
+GPU ?=
+VENV ?= $(if $(filter 1,$(GPU)),.venv-gpu,.venv)
+LOCK := $(if $(filter 1,$(GPU)),requirements-gpu.lock,requirements.lock)
 BIN := $(VENV)/bin
 RUN := PATH="$(abspath $(BIN)):$$PATH"
 
@@ -11,19 +15,27 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export OMP_WAIT_POLICY := PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast deps lint format hooks check lock serve tracking-server clean mpnet
+.PHONY: help setup demo test test-fast deps lint format hooks check lock lock-gpu serve tracking-server clean mpnet
 
-$(BIN)/.installed: requirements.lock pyproject.toml
+# GPU=1 only: fail (before the stamp) if pip took a CPU build of torch from a wheel directory or
+# an extra index in the pip configuration, which `torch==X` lets it prefer over PyPI's CUDA build.
+CUDA_TORCH_CHECK := $(BIN)/python -c 'import sys, torch; sys.exit(0 if torch.version.cuda else \
+	f"error: pip installed torch {torch.__version__}, a CPU build, from a find-links directory or \
+	extra index in your pip configuration (pip config list; PIP_FIND_LINKS). Remove it for this \
+	install, then rm -rf $(VENV) and make setup GPU=1 again (docs/gpu.md).")'
+
+$(BIN)/.installed: $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q -r $(LOCK)
+	$(if $(filter 1,$(GPU)),$(CUDA_TORCH_CHECK))
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
 help:  ## list the targets and what each does
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(BIN)/.installed  ## create .venv from requirements.lock and install pricefuse into it
+setup: $(BIN)/.installed  ## create .venv from requirements.lock (GPU=1: .venv-gpu, CUDA) + pricefuse
 
 demo: setup  ## generate demo data, run all eleven stages, register the ensemble
 	$(RUN) pricefuse demo-data
@@ -53,13 +65,20 @@ hooks: setup  ## install the git pre-commit hooks (ruff, nbstripout, dvc deps ch
 check: setup  ## run every pre-commit hook on every file
 	$(RUN) pre-commit run --all-files
 
-lock:  ## re-resolve requirements.txt into requirements.lock and conda.yaml (fresh venv)
+lock:  ## re-resolve requirements.txt into requirements.lock, conda.yaml, requirements-serve.txt pins
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install -q --upgrade pip
 	.lock-venv/bin/python -m pip install -q -r requirements.txt
 	.lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^pricefuse' > requirements.lock
 	rm -rf .lock-venv
 	$(PYTHON) tools/conda_env.py requirements.lock > conda.yaml
+	$(PYTHON) tools/serve_requirements.py
+
+lock-gpu:  ## re-resolve requirements-gpu.lock from requirements.lock (PyPI's CUDA torch; after lock)
+	rm -rf .gpu-lock-venv && $(PYTHON) -m venv .gpu-lock-venv
+	.gpu-lock-venv/bin/python -m pip install -q --upgrade pip
+	.gpu-lock-venv/bin/python tools/gpu_lock.py
+	rm -rf .gpu-lock-venv
 
 serve: setup  ## serve the registered ensemble on port 5001 (current environment)
 	$(RUN) mlflow models serve -m models:/price-ensemble@champion --env-manager local -p 5001

@@ -3,6 +3,7 @@ and the time of a resumed run over a complete cache.
 
     python benchmarks/fetch.py                      # 2,000 links at 1, 8, 32, 64; resume of 10,000
     python benchmarks/fetch.py --links 500 --concurrency 8 32 --cache-links 2000
+    python benchmarks/fetch.py --results            # also write docs/results/fetch.json
 
 Targets (issue 3, 2 shared cores): >= 300 images/s at concurrency 32; complete-cache pass over
 10,000 links < 2 s. Serves the real images from ../shared/data/amazon2025/images when present
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = ROOT / "tests" / "integration" / "faulty_server.py"
+sys.path.insert(0, str(ROOT))
 REAL_IMAGES = ROOT.parent / "shared" / "data" / "amazon2025" / "images"
 
 
@@ -80,6 +82,8 @@ def _requests_served(port: int) -> int:
 
 
 def main() -> None:
+    from benchmarks.results import add_results_option, table, write_results
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--links", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -87,6 +91,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
+    add_results_option(parser, "fetch")
     args = parser.parse_args()
     if args.worker:
         figures = worker(args.port, args.links, args.concurrency[0], args.cache)
@@ -109,6 +114,7 @@ def main() -> None:
             f"{'concurrency':>11} {'links':>6} {'seconds':>8} {'images/s':>9} "
             f"{'CPU ms/img':>10} {'peak RSS MB':>11} {'(base MB)':>9}"
         )
+        rows = []
         with tempfile.TemporaryDirectory(prefix="fetch-bench-") as tmp:
             for concurrency in args.concurrency:
                 cache = Path(tmp) / f"c{concurrency}"
@@ -120,6 +126,8 @@ def main() -> None:
                     f"{r['images_per_s']:>9.0f} {r['cpu_ms_per_image']:>10.2f} "
                     f"{r['peak_rss_mb']:>11.0f} {r['base_rss_mb']:>9.0f}"
                 )
+                figures = ["seconds", "images_per_s", "cpu_ms_per_image", "peak_rss_mb"]
+                rows.append([concurrency, args.links, *(r[k] for k in figures), r["base_rss_mb"]])
             cache = Path(tmp) / "resume"
             fill = _run_worker(port, args.cache_links, 32, cache)
             before = _requests_served(port)
@@ -135,6 +143,36 @@ def main() -> None:
                 f"resumed run over the complete cache: {args.cache_links} links in "
                 f"{resumed['seconds']:.3f}s, {resumed['n_cached']} cached, {requests} requests "
                 f"(peak RSS {resumed['peak_rss_mb']:.0f} MB)"
+            )
+        if args.results:
+            kind = "real product images" if images else "synthetic JPEGs"
+            columns = ["concurrency", "links", "seconds", "images/s", "CPU ms/image"]
+            columns += ["peak RSS MB", "base RSS MB"]
+            cache_rows = [
+                [
+                    "fill an empty cache",
+                    fill["seconds"],
+                    fill["images_per_s"],
+                    None,
+                ],
+                ["resume over the complete cache", resumed["seconds"], None, requests],
+            ]
+            write_results(
+                args.results,
+                [
+                    table(
+                        f"`fetch_images` from a loopback server serving {kind}",
+                        columns,
+                        rows,
+                        formats=[None, None, ".2f", ",.0f", ".2f", ".0f", ".0f"],
+                    ),
+                    table(
+                        f"A resumed run: {args.cache_links:,} links, concurrency 32",
+                        ["run", "seconds", "images/s", "requests sent"],
+                        cache_rows,
+                        formats=[None, ".3f", ",.0f", None],
+                    ),
+                ],
             )
     finally:
         server.terminate()

@@ -3,6 +3,7 @@ host-down breaker (`fetch.host_fail_threshold`).
 
     python benchmarks/fetch_unreachable.py                 # 40 dead links, 5 retries
     python benchmarks/fetch_unreachable.py --links 200 --retries 3
+    python benchmarks/fetch_unreachable.py --results      # docs/results/fetch_unreachable.json
 
 tests/integration/test_fetch_faults.py checks what the breaker does (each dead link fails as
 "host unreachable", a handful of attempts in all); this prints what it saves: seconds and
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -23,6 +25,9 @@ from pathlib import Path
 
 from pricefuse.core.config import FetchConfig, load_params
 from pricefuse.data.images import fetch_images
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.results import add_results_option, table, write_results
 
 # The integration test's settings: small timeouts and backoffs, the production logic.
 BASE = replace(
@@ -59,6 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--links", type=int, default=40)
     parser.add_argument("--retries", type=int, default=BASE.retries)
+    add_results_option(parser, "fetch_unreachable")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     dead = f"http://127.0.0.1:{closed_port()}"
@@ -66,12 +72,21 @@ def main() -> None:
     base = replace(BASE, retries=args.retries)
     never = args.links * (args.retries + 1) + 1
     print(f"{args.links} links to {dead} (connection refused), {args.retries} retries")
+    rows = []
     for label, cfg in [
         (f"breaker on (threshold {base.host_fail_threshold})", base),
         ("breaker off", replace(base, host_fail_threshold=never)),
     ]:
         seconds, attempts = run(links, cfg)
+        rows.append([label, seconds, attempts])
         print(f"{label:<26} {seconds:7.2f} s  {attempts:5d} attempts", flush=True)
+    if args.results:
+        title = (
+            f"{args.links} links to a host that refuses connections, {args.retries} retries "
+            f"each, concurrency {base.concurrency}"
+        )
+        columns = ["host-down breaker", "seconds", "attempts"]
+        write_results(args.results, [table(title, columns, rows, formats=[None, ".2f", None])])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
     python benchmarks/fusion_heads.py --project /tmp/pricefuse-real --losses none \
         --set "fusion.modalities=[text,image,tabular]"
     python benchmarks/fusion_heads.py --project /tmp/pricefuse-real --archs dcn --losses none
+    python benchmarks/fusion_heads.py --project /tmp/pricefuse-real --losses none \
+        --seeds 42 43 44 --results fusion_heads   # also docs/results/fusion_heads.json
 
 What runs: the `train_fusion` stage's own rows (`fusion_member.load_split`: the parsed table,
 the neighbour features, the stacked linear member's OOF predictions and the embeddings of that
@@ -29,17 +31,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import mlflow
 
-from pricefuse.analysis import compare
 from pricefuse.core.config import Params, load_params
 from pricefuse.models.fusion import losses
 from pricefuse.models.fusion.heads import HEADS
 from pricefuse.models.fusion.member import MEMBER, load_split
 from pricefuse.models.fusion.training import KFoldResult, train_kfold
-from pricefuse.recording import tracking
+from pricefuse.recording import compare, tracking
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.results import add_results_option, table, write_results
 
 STAGE = "train_fusion"
 SCHEDULES = ("huber>smape", "mse>smape")
@@ -95,7 +100,9 @@ def main() -> None:
     )
     parser.add_argument("--experiment", default="fusion-heads")
     parser.add_argument("--out", type=Path, default=Path("/tmp/pricefuse-fusion-heads"))
+    add_results_option(parser, "fusion_heads")
     args = parser.parse_args()
+    here = Path.cwd()
 
     os.chdir(args.project)  # the project's relative data paths and its mlflow.db
     base = load_params("params.yaml", args.set)
@@ -136,6 +143,34 @@ def main() -> None:
         f"over {best['runs']} run(s), best {best['smape_oof_best']:.3f})"
     )
     print(f"wrote {csv_path} and {png_path}")
+    if args.results:
+        os.chdir(here)  # a relative --results path, like the command line, is the caller's
+        write_results(args.results, [results_table(result, train, args)])
+
+
+def results_table(result: compare.Comparison, train, args: argparse.Namespace) -> dict:
+    """`pricefuse compare`'s table over the benchmark's runs, as a docs/results table."""
+    rows = [
+        [
+            *(str(r[key]) for key in BY),
+            int(r["runs"]),
+            r["smape_oof_mean"],
+            r["smape_oof_std"],
+            r["smape_oof_best"],
+            r[compare.TIME_METRIC],
+        ]
+        for _, r in result.table.iterrows()
+    ]
+    seeds = " ".join(map(str, args.seeds or []))
+    title = (
+        f"Fusion OOF SMAPE (%) on {len(train):,} train rows, "
+        f"{train.frame['fold'].nunique()} folds, ranked by the mean over the runs"
+        + (f" (training seeds {seeds})" if seeds else "")
+    )
+    columns = [*BY, "runs", "mean", "std", "best", "train seconds"]
+    formats = [None, None, None, None, ".2f", ".2f", ".2f", ".0f"]
+    notes = "Every run: " + (" ".join(args.set) or "the project's params.yaml") + "."
+    return table(title, columns, rows, notes=notes, formats=formats)
 
 
 if __name__ == "__main__":

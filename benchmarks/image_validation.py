@@ -3,6 +3,7 @@ included.
 
     python benchmarks/image_validation.py            # real product images when present
     python benchmarks/image_validation.py --repeat 50
+    python benchmarks/image_validation.py --results   # also docs/results/image_validation.json
 
 tests/unit/test_images_validate.py checks that a bomb is rejected from its header without
 decoding (it fails if PIL's load() is reached); this prints how long each case takes: a bomb
@@ -26,6 +27,8 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import add_results_option, table, write_results  # noqa: E402
 
 from pricefuse.core.config import load_params  # noqa: E402
 from pricefuse.data.images import ImageRejected, prepare_image, validate_image  # noqa: E402
@@ -54,6 +57,7 @@ def per_call_ms(call: Callable[[], object], repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20, help="best of this many calls")
+    add_results_option(parser, "image_validation")
     args = parser.parse_args()
     fetch = load_params(ROOT / "params.yaml").fetch
     limits = replace(fetch, max_pixels=40_000_000)
@@ -61,7 +65,8 @@ def main() -> None:
     cases: dict[str, Callable[[], object]] = {}
     if real:
         data = real[0].read_bytes()
-        cases[f"validate real {real[0].name}"] = lambda: validate_image(data, fetch)
+        label = f"validate a real product photo ({len(data) // 1024} KiB)"
+        cases[label] = lambda: validate_image(data, fetch)
     small, large = noisy_jpeg((320, 200)), noisy_jpeg((2000, 1500))
     cases["validate noisy JPEG 320x200"] = lambda: validate_image(small, fetch)
     cases["validate noisy JPEG 2000x1500"] = lambda: validate_image(large, fetch)
@@ -69,8 +74,13 @@ def main() -> None:
     for side in (8_000, 30_000):
         bomb = png_bomb(side, side)
         cases[f"reject PNG bomb {side}x{side}"] = lambda bomb=bomb: validate_image(bomb, limits)
+    rows = []
     for label, call in cases.items():
-        print(f"{label:<40} {per_call_ms(call, args.repeat):8.2f} ms", flush=True)
+        rows.append([label, per_call_ms(call, args.repeat)])
+        print(f"{label:<40} {rows[-1][1]:8.2f} ms", flush=True)
+    if args.results:
+        title = f"Image validation per call, best of {args.repeat} calls"
+        write_results(args.results, [table(title, ["case", "ms"], rows, formats=[None, ".2f"])])
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ linear models on the same TF-IDF features (LinearSVR ~ absolute error, SGD with 
 
 Run after `dvc repro` has written the parsed tables (e.g. on the real rows):
 
-    python benchmarks/linear_models.py [--project DIR]
+    python benchmarks/linear_models.py [--project DIR] [--results]
 
 Prints OOF SMAPE (%) and seconds per variant. Not a test.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,9 @@ from pricefuse.core.metrics import smape_from_log
 from pricefuse.models.linear.predictor import LinearPredictor
 from pricefuse.models.linear.training import fit_linear
 from pricefuse.pipeline.inputs import train_targets
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.results import add_results_option, table, write_results
 
 
 def other_model_oof(
@@ -48,7 +52,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--project", type=Path, default=Path("."), help="project root")
-    os.chdir(parser.parse_args().project)
+    add_results_option(parser, "linear_models")
+    args = parser.parse_args()
+    os.chdir(args.project)
     params = load_params("params.yaml")
     parsed = pd.read_parquet(Layout(params.data).parsed("train"))
     y, folds = train_targets(parsed)
@@ -61,10 +67,12 @@ def main() -> None:
         "ridge view=text": dataclasses.replace(base, view="text"),
         "ridge word 1-3": dataclasses.replace(base, word_max_ngram=3),
     }
+    rows = []
     for label, cfg in ridge_variants.items():
         started = time.perf_counter()
         score = fit_linear(cfg, parsed, y, folds).smape_oof
-        print(f"{label:<44} {score:7.3f}  {time.perf_counter() - started:6.1f}s", flush=True)
+        rows.append([label, score, time.perf_counter() - started])
+        print(f"{label:<44} {score:7.3f}  {rows[-1][2]:6.1f}s", flush=True)
     others = {
         "LinearSVR C=0.1 (absolute error)": lambda: LinearSVR(epsilon=0.0, C=0.1, max_iter=5000),
         "SGD huber eps=0.3": lambda: SGDRegressor(
@@ -74,7 +82,15 @@ def main() -> None:
     for label, make in others.items():
         started = time.perf_counter()
         score = smape_from_log(y, other_model_oof(base, parsed, y, folds, make))
-        print(f"{label:<44} {score:7.3f}  {time.perf_counter() - started:6.1f}s", flush=True)
+        rows.append([label, score, time.perf_counter() - started])
+        print(f"{label:<44} {score:7.3f}  {rows[-1][2]:6.1f}s", flush=True)
+    if args.results:
+        title = (
+            f"The linear member's variants: OOF SMAPE (%) on {len(y):,} train rows, "
+            f"{len(np.unique(folds))} folds"
+        )
+        columns = ["variant", "OOF SMAPE (%)", "seconds"]
+        write_results(args.results, [table(title, columns, rows, formats=[None, ".2f", ".0f"])])
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/neighbours.py                      # 75,000 train x 75,000 test rows
     python benchmarks/neighbours.py --rows 5000          # a quick check
     python benchmarks/neighbours.py --spaces tfidf_name text_embedding --folds 5 --k 10
+    python benchmarks/neighbours.py --results            # also docs/results/neighbours.json
 
 What is timed, per space on its own (a single-space NeighboursConfig) and for all the chosen
 spaces together:
@@ -35,6 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -52,6 +54,8 @@ from pricefuse.models.neighbours.training import oof_features
 T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.results import add_results_option, table, write_results  # noqa: E402
 
 SEED = 20250
 VOCABULARY = 60_000  # pseudo-words
@@ -267,6 +271,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--k", type=int, default=10, help="neighbours per row")
     parser.add_argument("--seed", type=int, default=SEED)
+    add_results_option(parser, "neighbours")
     return parser.parse_args()
 
 
@@ -307,6 +312,16 @@ def main() -> None:
         f"(sum of single-space runs {sum(t.oof_s + t.test_s for t in single):.1f} s); "
         f"peak RSS {peak_rss_gib():.2f} GiB"
     )
+    if args.results:
+        title = (
+            f"Neighbour features on synthetic rows, {n_train:,} train × {n_test:,} test, "
+            f"{args.folds} folds, k = {args.k}"
+        )
+        columns = [header for header, _, _ in COLUMNS]
+        rows = [[cell(t) for _, cell, _ in COLUMNS] for t in timings]
+        numeric = [[r[0], r[1], *map(float, r[2:3]), r[3], *map(float, r[4:])] for r in rows]
+        formats = [None, None, ".1f", None, ".1f", ".1f", ".1f", ".2f"]
+        write_results(args.results, [table(title, columns, numeric, formats=formats)])
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py --project DIR              # the project's latest registered version
     python benchmarks/serve.py --project DIR --model models:/price-ensemble/3 --single 60
+    python benchmarks/serve.py --project DIR --results    # also write docs/results/serve.json
 
 DIR is a built project (`pricefuse demo-data && dvc repro`: its sqlite:///mlflow.db registry and
 data/raw test CSV). One run measures, on the same rows of the project's test CSV:
@@ -52,6 +53,7 @@ import pandas as pd
 import requests
 import yaml
 
+ROOT = Path(__file__).resolve().parents[1]
 SEED_EMBED_MS = 84.0  # SPAM_LLMs write-up, per sample on a P100
 SEED_HEAD_US = 30.0
 SINGLE_GOAL = 2.0  # single-row text-only p50 <= 2x raw single-text forward
@@ -257,6 +259,52 @@ def measure_split(model: Any, rows: pd.DataFrame, args: argparse.Namespace) -> d
             "batch_total": batch_total}  # fmt: skip
 
 
+def results_tables(http: dict, split: dict, args: argparse.Namespace) -> list[dict]:
+    """The figures `report` prints, as docs/results tables (benchmarks/results.py)."""
+    from benchmarks.results import table
+
+    text_p50 = quantile_ms(http["text"], 0.5)
+    raw_default = quantile_ms(http["single"], 0.5)
+    raw_one = quantile_ms(http["single_one_thread"], 0.5)
+    single_ratio = text_p50 / min(raw_default, raw_one)
+    batch_ratio = http["batch_rows_s"] / http["raw_batch_rows_s"]
+    single_goal = "met" if single_ratio <= SINGLE_GOAL else "missed"
+    batch_goal = "met" if batch_ratio >= BATCH_GOAL else "missed"
+    image = (quantile_ms(http["image"], 0.5), quantile_ms(http["image"], 0.95))
+    latency = [
+        ["HTTP single row, text only: p50 / p95 (ms)", text_p50, quantile_ms(http["text"], 0.95)],
+        ["HTTP single row with an image: p50 / p95 (ms)", *image],
+        [f"HTTP {args.batch}-row batch (rows/s)", http["batch_rows_s"], None],
+        ["raw MiniLM forward p50, default threads / one thread (ms)", raw_default, raw_one],
+        [f"raw encoders on the {args.batch} rows (rows/s)", http["raw_batch_rows_s"], None],
+        [f"single row / raw forward (goal <= {SINGLE_GOAL:g}x: {single_goal})", single_ratio, None],
+        [f"batch / raw encoders (goal >= {BATCH_GOAL:g}x: {batch_goal})", batch_ratio, None],
+    ]
+    sections = [
+        [name, split["single"].get(name, 0) * 1e3, split["batch"][name] * 1e3]
+        for name in split["batch"]
+    ]
+    sections.append(
+        ["total predict_prices", split["single_total"] * 1e3, split["batch_total"] * 1e3]
+    )
+    sections.append(["HTTP + MLflow around it", text_p50 - split["single_total"] * 1e3, None])
+    return [
+        table(
+            f"Served model over HTTP ({args.single} single rows; a {args.batch}-row batch, "
+            f"median of {args.repeats} runs) beside the raw encoders",
+            ["measure", "value", "p95 / second value"],
+            latency,
+            formats=[None, ".2f", ".1f"],
+        ),
+        table(
+            "Time per row by section of the served model (in-process, median ms)",
+            ["section", "single text-only row", f"per row of a {args.batch}-row batch"],
+            sections,
+            formats=[None, ".2f", ".2f"],
+        ),
+    ]
+
+
 def report(http: dict, split: dict, startup: float, args: argparse.Namespace) -> None:
     text_p50 = quantile_ms(http["text"], 0.5)
     # The reference is the faster of torch's default threads and one thread (what the served
@@ -308,6 +356,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="rows in the batch request")
     parser.add_argument("--repeats", type=int, default=3, help="batch repeats (median)")
     parser.add_argument("--workers", type=int, default=1, help="server workers")
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.results import add_results_option, write_results
+
+    add_results_option(parser, "serve")
     args = parser.parse_args()
     project = args.project.resolve()
     model_uri = args.model or default_model(project)
@@ -327,6 +379,8 @@ def main() -> None:
         server.close()
     split = measure_split(model, rows, args)
     report(figures, split, server.startup_s, args)
+    if args.results:
+        write_results(args.results, results_tables(figures, split, args))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/text_cleaning.py                          # linear member, both views
     python benchmarks/text_cleaning.py --heads minilm tabular   # (MiniLM: slow once, cached)
+    python benchmarks/text_cleaning.py --heads linear_name linear_text minilm tabular --results
 
 Per option (`off` = every option off, whatever params.yaml sets; each text option alone; the
 outlier filter at 0.5% and 1%): how many rows' text it changes and the 5-fold OOF SMAPE (%, on
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +48,9 @@ from pricefuse.features.tabular import parsed_features
 from pricefuse.models.linear.predictor import LinearPredictor
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.results import add_results_option, table, write_results  # noqa: E402
+
 TRAIN_CSV = ROOT.parent / "shared" / "data" / "amazon2025" / "train.csv"
 ALPHAS = np.logspace(-2, 2, 9)
 # option label -> (preprocess overrides); the outlier filter is applied per training fold below
@@ -62,6 +67,12 @@ OPTIONS: dict[str, dict[str, object]] = {
 ALL_OFF: dict[str, object] = {"outlier_quantile": 0.0, **TEXT_OPTIONS_OFF}
 FitPredict = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train idx, held idx) -> log preds
 HEADS = ("linear_name", "linear_text", "minilm", "tabular")
+HEAD_LABELS = {
+    "linear_name": "linear, name view",
+    "linear_text": "linear, text view",
+    "minilm": "MiniLM ridge",
+    "tabular": "tabular LightGBM",
+}
 
 
 def load_rows(csv: Path, cfg: PreprocessConfig, seed: int) -> pd.DataFrame:
@@ -165,6 +176,7 @@ def main() -> None:
     parser.add_argument("--heads", nargs="+", default=list(HEADS[:2]), choices=HEADS)
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     parser.add_argument("--cache", type=Path, default=Path("/tmp/pricefuse-text-cleaning"))
+    add_results_option(parser, "text_cleaning")
     args = parser.parse_args()
 
     params = load_params(ROOT / "params.yaml")
@@ -193,6 +205,7 @@ def main() -> None:
     lines = [f"{'option':<24} {'changed':>8} " + " ".join(f"{h:>12}" for h in args.heads)]
     lines[0] += f" {'seconds':>8}"
     print(lines[0], flush=True)
+    rows = []
     for label in args.options:
         started = time.perf_counter()
         cfg = dataclasses.replace(base, **OPTIONS[label])
@@ -206,7 +219,15 @@ def main() -> None:
         )
         lines.append(f"{line} {time.perf_counter() - started:>8.0f}")
         print(lines[-1], flush=True)
+        rows.append([label, changed_rows(parsed, cleaned), *scores])
     print("\n".join(lines))
+    if args.results:
+        title = (
+            f"OOF SMAPE (%) per preprocess option alone, {len(y):,} real train rows, "
+            f"{len(np.unique(folds))} group folds, every held-out row scored"
+        )
+        columns = ["option", "rows changed", *(HEAD_LABELS[h] for h in args.heads)]
+        write_results(args.results, [table(title, columns, rows)])
 
 
 if __name__ == "__main__":

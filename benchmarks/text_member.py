@@ -2,6 +2,7 @@
 
     python benchmarks/text_member.py                       # MiniLM, params.yaml's text section
     python benchmarks/text_member.py --folds 5 --threads 2 --requests 20
+    python benchmarks/text_member.py --results             # also docs/results/text_member.json
 
 What it times is the served path, `TextPredictor` (pricefuse.models.text.predictor) on parsed
 catalog rows: template, tokenizer, backbone, head, per request of one row and per row of a 64-row
@@ -27,6 +28,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.results import add_results_option, table, write_results  # noqa: E402
 
 from pricefuse.core import compat  # noqa: E402
 
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
+    add_results_option(parser, "text_member")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(ROOT / "params.yaml")
@@ -97,6 +102,7 @@ def main() -> None:
         f"{params.text.model}, max_length {params.text.max_length}, {args.threads} thread(s), "
         f"{args.requests} one-row requests, one {args.batch}-row batch"
     )
+    results = []
     for refit in (True, False):
         cfg = dataclasses.replace(params.text, refit=refit)
         with tempfile.TemporaryDirectory() as tmp:
@@ -119,6 +125,17 @@ def main() -> None:
             f"batched {1e3 * per_row:.1f} ms/row, load {load_s:.1f} s, "
             f"checkpoints {size / 1e6:.0f} MB"
         )
+        median_ms = 1e3 * statistics.median(latencies)
+        results.append([label, median_ms, 1e3 * per_row, load_s, size / 1e6])
+    if args.results:
+        title = (
+            f"The served text member: {params.text.model}, max_length {params.text.max_length}, "
+            f"{args.threads} thread(s), {args.requests} one-row requests, a {args.batch}-row batch"
+        )
+        columns = ["served model", "one-row request (ms)", "batched (ms/row)", "load (s)"]
+        columns.append("checkpoints (MB)")
+        formats = [None, ".1f", ".1f", ".1f", ".0f"]
+        write_results(args.results, [table(title, columns, results, formats=formats)])
 
 
 if __name__ == "__main__":

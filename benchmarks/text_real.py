@@ -1,6 +1,6 @@
 """OOF SMAPE of the fine-tuned text member on the real rows; the ensemble with and without it.
 
-    python benchmarks/text_real.py [--epochs 2] [--max-length 32] [--keep DIR]
+    python benchmarks/text_real.py [--epochs 2] [--max-length 32] [--keep DIR] [--results]
 
 Builds a temp project over ../shared/data/amazon2025 (read in place; links to the shared images,
 as tests/real does), enables `text` in `ensemble.members` with a CPU-sized setting, runs
@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.results import add_results_option, table, write_results  # noqa: E402
+
 from tests.real.test_real_pipeline import write_real_rows  # noqa: E402
 from tests.support import copy_project  # noqa: E402
 
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--template", default="{item_name} | {value} {unit} | pack {pack}")
     parser.add_argument("--keep", type=Path, default=None, help="build here and keep it")
+    add_results_option(parser, "text_real")
     args = parser.parse_args()
     if not (SHARED / "train.csv").is_file():
         raise SystemExit(f"real rows not found at {SHARED}")
@@ -83,6 +86,20 @@ def main() -> None:
             print(f"  without text  {key:<28} {without[key]:7.3f}")
         a, b = with_text["smape_oof"], without["smape_oof"]
         print(f"ensemble: {a:.3f} with text vs {b:.3f} without")
+        if args.results:
+            names = [k.removeprefix("smape_oof_") for k in with_text if k != "smape_oof"]
+            names = [n for n in names if not n.startswith("stack_")] + ["ensemble"]
+            keys = [f"smape_oof_{n}" if n != "ensemble" else "smape_oof" for n in names]
+            rows = [
+                ["with text", *(with_text.get(k) for k in keys)],
+                ["without text (ensemble re-fitted)", *(without.get(k) for k in keys)],
+            ]
+            title = (
+                f"OOF SMAPE (%) on the real train rows with the fine-tuned text member "
+                f"({args.epochs} epochs, {args.max_length} tokens); `dvc repro` "
+                f"{seconds / 60:.1f} min"
+            )
+            write_results(args.results, [table(title, ["ensemble members", *names], rows)])
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

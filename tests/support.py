@@ -26,6 +26,7 @@ PROJECT_FILES = (
     "MLproject",
     "python_env.yaml",
     "requirements.lock",
+    "requirements-serve.txt",
     "requirements.txt",
     "pyproject.toml",
     "README.md",
@@ -108,17 +109,25 @@ def wait_for_url(url: str, timeout: float, process: subprocess.Popen | None = No
 
 @contextlib.contextmanager
 def model_server(
-    model: str, cwd: Path, log_path: Path, env: dict[str, str] | None = None
+    model: str,
+    cwd: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    env_manager: str | None = "local",
+    ready_timeout: float = 240,
 ) -> Iterator[str]:
     """`mlflow models serve -m model --env-manager local` run in `cwd`; yields its base URL.
 
+    `env_manager=None` leaves the flag out: MLflow builds (or reuses) the model's own virtualenv
+    from its requirements first, which `ready_timeout` (seconds until /ping answers) must allow.
     The tracking store is the project's own (sqlite:///mlflow.db in `cwd`) unless `env` names
     one. Output goes to `log_path`, not a pipe nobody reads (a full pipe would block the
     server); a server that exits or never answers fails with the log's tail.
     """
     port = free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model]
-    command += ["--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    command += ["--env-manager", env_manager] if env_manager else []
+    command += ["-p", str(port), "-h", "127.0.0.1"]
     full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     full_env.update(env or {})
     with log_path.open("w") as log:
@@ -128,7 +137,7 @@ def model_server(
     base = f"http://127.0.0.1:{port}"
     try:
         try:
-            wait_for_url(f"{base}/ping", timeout=240, process=server)
+            wait_for_url(f"{base}/ping", timeout=ready_timeout, process=server)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{log_path.read_text()[-4000:]}") from None
         yield base

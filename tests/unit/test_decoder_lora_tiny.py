@@ -349,3 +349,116 @@ def test_text_member_with_a_lora_decoder_saves_adapters_only_and_serves_them(hub
     saved = TextPredictor.load(model_dir)
     written = pd.read_parquet(layout.test_predictions("text"))
     np.testing.assert_allclose(saved.predict(test), written["text"].to_numpy(), atol=1e-5)
+
+
+# --- fit for GPUs: one base per process, adapters redrawn per fold, dtype from the device -------
+
+
+def _decoder_cfg(params, **changes):
+    import dataclasses
+
+    cfg = dataclasses.replace(
+        params.text,
+        model="hf:Qwen/Qwen2.5-0.5B",
+        kind="decoder_lora",
+        pooling="last",
+        max_length=16,
+        batch_size=4,
+        epochs=2,
+        smape_epochs=1,
+        encoder_lr=1e-3,
+        refit=False,
+        lora=dataclasses.replace(params.text.lora, r=4, alpha=8, target_modules=("q_proj",)),
+    )
+    return dataclasses.replace(cfg, **changes)
+
+
+def test_reinit_redraws_adapters_from_the_seed_on_any_device(hub):
+    backbone = load_decoder_lora(
+        "hf:Qwen/Qwen2.5-0.5B", **ARGS, pooling="last", gradient_checkpointing=False
+    )
+    backbone.reinit_trainable(7)
+    first = backbone.trainable_state_dict()
+    with torch.no_grad():
+        for parameter in backbone.module.parameters():
+            if parameter.requires_grad:
+                parameter.add_(1.0)  # "trained"
+    torch.manual_seed(123)  # the global RNG plays no part
+    backbone.reinit_trainable(7)
+    again = backbone.trainable_state_dict()
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert all(not v.any() for k, v in again.items() if "lora_B" in k)  # vectors = the base's
+    assert all(v.std() > 0 for k, v in again.items() if "lora_A" in k)
+    backbone.reinit_trainable(8)
+    other = backbone.trainable_state_dict()
+    assert any(not torch.equal(first[k], other[k]) for k in first if "lora_A" in k)
+
+
+def test_lora_folds_share_one_base_and_stay_independent(hub, tmp_path, monkeypatch):
+    """fold_1 trained after fold_0 on the same base equals fold_1 trained alone; one load each."""
+    import numpy as np
+
+    from pricefuse.models.text import backbones, training
+    from pricefuse.models.text.data import render_texts
+    from pricefuse.models.text.training import TextTrainer, make_accelerator
+    from tests.support import project_params, text_rows
+
+    loads = []
+    real = backbones.load_backbone
+    monkeypatch.setattr(
+        training, "load_backbone", lambda c, dtype=None: loads.append(dtype) or real(c, dtype)
+    )
+    cfg = _decoder_cfg(project_params(), head_dropout=0.0)
+    rows = text_rows(16, 0)
+    folds = rows["fold"].to_numpy()
+
+    def trainer(name):
+        return TextTrainer(
+            cfg,
+            make_accelerator(cfg),
+            tmp_path / name,
+            render_texts(rows, cfg.template),
+            rows["log_price"].to_numpy(),
+            folds,
+            rows["sample_id"],
+        )
+
+    fit_1, held_1 = np.flatnonzero(folds != 1), np.flatnonzero(folds == 1)
+    after = trainer("after")
+    after.train_model("fold_0", np.flatnonzero(folds != 0), np.flatnonzero(folds == 0))
+    second = after.train_model("fold_1", fit_1, held_1)
+    alone = trainer("alone").train_model("fold_1", fit_1, held_1)
+    assert loads == [torch.float32, torch.float32]  # one per trainer, fp32 on the CPU
+    np.testing.assert_allclose(second.pred, alone.pred, atol=1e-6)
+    np.testing.assert_allclose(second.history["train_loss"], alone.history["train_loss"], atol=1e-6)
+    saved_after = torch.load(tmp_path / "after" / "fold_1.pt", weights_only=True)["trainable"]
+    saved_alone = torch.load(tmp_path / "alone" / "fold_1.pt", weights_only=True)["trainable"]
+    for key, value in saved_alone.items():
+        torch.testing.assert_close(saved_after[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("mixed", "base"), [("bf16", torch.bfloat16), ("fp16", torch.float32)])
+def test_the_trainer_loads_the_base_in_its_precision(hub, tmp_path, mixed, base):
+    """bf16 weights only under (native) bf16 autocast; under fp16 the base stays fp32 (Gemma's
+    activations overflow with fp16 weights) and autocast does the fp16 math."""
+    from types import SimpleNamespace
+
+    from pricefuse.models.text.training import TextTrainer
+    from tests.support import project_params, text_rows
+
+    cfg = _decoder_cfg(project_params())
+    rows = text_rows(4, 0)
+    trainer = TextTrainer(
+        cfg,
+        SimpleNamespace(mixed_precision=mixed),  # what the accelerator chose on some GPU
+        tmp_path,
+        ["a", "b", "c", "d"],
+        rows["log_price"].to_numpy(),
+        rows["fold"].to_numpy(),
+        rows["sample_id"],
+    )
+    dtypes = {n: p.dtype for n, p in trainer.backbone.module.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {base}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert trainer.precision.scaler == (mixed == "fp16")

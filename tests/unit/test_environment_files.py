@@ -1,5 +1,6 @@
 """The environment is described once (requirements.lock); the other files derive from it."""
 
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -63,3 +64,52 @@ def test_notebooks_are_committed_without_outputs():
         assert not any(cell.outputs or cell.execution_count for cell in code), (
             f"{path.name} holds outputs: run `make check` (nbstripout)"
         )
+
+
+# The CUDA environment (`make setup GPU=1`, docs/gpu.md): requirements-gpu.lock, generated from
+# requirements.lock by tools/gpu_lock.py (`make lock-gpu`).
+CUDA_PACKAGES = ("nvidia-", "cuda-", "triton")
+# In pip's resolution but not in `pip freeze` output (requirements.lock): setuptools (freeze leaves
+# it out; the CUDA torch wheel requires it) and python-discovery (virtualenv's dependency, which
+# the CPU lock misses; `make lock` would add it).
+FREEZE_OMITS = {"setuptools", "python-discovery"}
+
+
+def _versions(lines: list[str]) -> dict[str, str]:
+    canonical = {}
+    for line in lines:
+        name, _, version = line.partition("==")
+        canonical[name.lower().replace("_", "-").replace(".", "-")] = version
+    return canonical
+
+
+def test_gpu_lock_is_the_cpu_lock_with_the_cuda_builds():
+    gpu_lines = (ROOT / "requirements-gpu.lock").read_text().splitlines()
+    gpu_pins = [line.strip() for line in gpu_lines if line.strip() and not line.startswith("#")]
+    assert all("==" in line for line in gpu_pins), "every lock line is an exact pin"
+    assert not [line for line in gpu_pins if "+cpu" in line]
+    cpu, gpu = _versions(_lock()), _versions(gpu_pins)
+    assert gpu["torch"] == cpu["torch"].removesuffix("+cpu")
+    assert "xgboost-cpu" not in gpu and gpu["xgboost"] == cpu["xgboost-cpu"]
+    cuda = {name for name in gpu if name.startswith(CUDA_PACKAGES)}
+    assert "triton" in cuda and any(name.startswith("nvidia-cudnn") for name in cuda)
+    shared = {
+        name: version for name, version in cpu.items() if name not in ("torch", "xgboost-cpu")
+    }
+    assert {name: gpu.get(name) for name in shared} == shared, "run `make lock-gpu`"
+    extra = set(gpu) - set(shared) - cuda - {"torch", "xgboost"}
+    assert extra <= FREEZE_OMITS, f"in the GPU lock only: {sorted(extra - FREEZE_OMITS)}"
+
+
+def test_make_gpu_1_installs_the_gpu_lock_into_its_own_venv():
+    def commands(*args: str) -> str:
+        return subprocess.run(
+            ["make", "-n", *args], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+
+    cpu = commands("-W", "requirements.lock", "setup")
+    assert "-m pip install -q -r requirements.lock" in cpu and ".venv-gpu" not in cpu
+    gpu = commands("-W", "requirements-gpu.lock", "setup", "GPU=1")
+    assert ".venv-gpu/bin/python -m pip install -q -r requirements-gpu.lock" in gpu
+    assert "torch.version.cuda" in gpu and "requirements.lock" not in gpu.replace("-gpu.lock", "")
+    assert ".venv-gpu/" in (ROOT / ".gitignore").read_text().splitlines()

@@ -15,6 +15,7 @@ import pytest
 from test_tabular import embeddings, parsed_frame
 
 from pricefuse.core.config import Params
+from pricefuse.core.device import device_tags, resolve_device
 from pricefuse.core.errors import StageError
 from pricefuse.core.layout import Layout
 from pricefuse.core.metrics import smape_from_log
@@ -92,6 +93,10 @@ def test_stage_writes_predictions_models_and_logs_the_run(params: Params) -> Non
         assert {f"smape_fold_{k}_{name}" for k in range(5)} <= set(metrics)
     assert run.data.tags["stage"] == "train_gbdt"
     assert run.data.tags["upstream.embed"] == "embed-run-id"
+    # where it trained (gbdt.device: auto -> cpu here, cuda on a GPU machine)
+    assert {k: run.data.tags[k] for k in ("device", "gpu_name", "gpu_count")} == device_tags(
+        resolve_device(params.gbdt.device)
+    )
     client = mlflow.MlflowClient()
     model_files = {f.path for f in client.list_artifacts(run.info.run_id, "gbdt_model")}
     assert {"gbdt_model/gbdt.json", "gbdt_model/featurizer_0"} <= model_files

@@ -95,6 +95,8 @@ class EmbedConfig:
     text_batch_size: int
     image_batch_size: int
     image_size: int
+    device: str
+    num_workers: int
 
 
 @dataclass(frozen=True)
@@ -199,6 +201,7 @@ class FusionConfig:
     arch: str
     output: str
     joint_tower: bool
+    device: str
     heads: FusionHeadsConfig
 
 
@@ -236,7 +239,9 @@ class TextConfig:
     frozen_epochs: int
     huber_delta: float
     smape_epochs: int
+    device: str
     mixed_precision: str
+    log_every: int
     seed: int
     gradient_checkpointing: bool
     lora: LoraConfig
@@ -276,6 +281,7 @@ class GbdtConfig:
     objective: str
     huber_delta: float
     stack_members: tuple[str, ...]
+    device: str
     lightgbm: LightGBMConfig
     xgboost: XGBoostConfig
     catboost: CatBoostConfig

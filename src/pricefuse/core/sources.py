@@ -385,3 +385,22 @@ def resolve(ref: str) -> ResolvedModel:
     if not path.exists():
         raise ModelSourceError(f"model path {path} does not exist")
     return ResolvedModel(ref, "path", path.resolve())
+
+
+def ref_distributions(ref: str) -> dict[str, str]:
+    """The installed distributions `resolve(ref)` reads weights from, name -> version: what an
+    environment must install for the reference to resolve there (the served model's
+    requirements add them). A `pkg:` reference's package (pip brings the chunk packages of an
+    assembled file through its own requirements) or, when absent, its split parts; nothing for
+    `hf:` and path references. Raises ModelSourceError when the package is not installed."""
+    ref = ref.strip()
+    if not ref.startswith("pkg:"):
+        return {}
+    name = ref[4:]
+    if _is_installed(name):
+        dist = importlib.metadata.distribution(name)
+        return {dist.metadata["Name"]: dist.version}
+    parts = _split_parts(name)
+    if not parts:
+        _package_files(name)  # raises: not installed, with the remedy
+    return {part.dist_name: part.version for part in parts}

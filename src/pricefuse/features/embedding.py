@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.core.config import EmbedConfig
+from pricefuse.core.device import resolve_device
 from pricefuse.core.errors import StageError
 from pricefuse.core.layout import HAS_IMAGE, ID, IMAGE_PATH, SPLITS, TEXT, Layout
 from pricefuse.core.records import StageRecord
@@ -30,11 +31,13 @@ COLUMNS = (ID, TEXT, IMAGE_PATH, HAS_IMAGE)
 
 @dataclass(frozen=True)
 class Encoders:
-    """The two encoders of a run and the torch threads they run on (recorded as a param)."""
+    """The two encoders of a run, the device they run on and the torch threads of the process
+    (recorded as a param)."""
 
     text: TextEncoder
     image: ImageEncoder
     threads: int
+    device: str = "cpu"
 
 
 def set_torch_threads() -> int:
@@ -66,14 +69,27 @@ def load_embed_inputs(layout: Layout) -> dict[str, pd.DataFrame]:
 
 
 def load_encoders(cfg: EmbedConfig) -> Encoders:
-    """Both encoders from their refs (a missing package or file is a StageError)."""
+    """Both encoders from their refs on `embed.device`, in half precision there if it is a GPU
+    (a missing package or file, an unknown device or `cuda` without a GPU is a StageError)."""
+    device = resolve_device(cfg.device, "embed.device")
+    if cfg.num_workers < 0:
+        raise StageError(f"embed.num_workers must be >= 0, got {cfg.num_workers}")
     threads = set_torch_threads()
     try:
-        text = TextEncoder.from_ref(cfg.text_model, cfg.text_max_length, cfg.text_batch_size)
-        image = ImageEncoder.from_ref(cfg.image_model, cfg.image_size, cfg.image_batch_size)
+        text = TextEncoder.from_ref(
+            cfg.text_model, cfg.text_max_length, cfg.text_batch_size, device, half_precision=True
+        )
+        image = ImageEncoder.from_ref(
+            cfg.image_model,
+            cfg.image_size,
+            cfg.image_batch_size,
+            device,
+            cfg.num_workers,
+            half_precision=True,
+        )
     except ModelSourceError as exc:
         raise StageError(str(exc)) from exc
-    return Encoders(text, image, threads)
+    return Encoders(text, image, threads, device)
 
 
 def embed_split(
@@ -136,10 +152,11 @@ def embed_tables(
     speed = f"{metrics['texts_per_s']:.0f} texts/s"
     if "images_per_s" in metrics:
         speed += f", {metrics['images_per_s']:.1f} images/s"
+    where = f"{encoders.threads} thread(s)" if encoders.device == "cpu" else encoders.device
     return StageRecord(
         summary=(
             f"embed: {coverage}; text {text.dim}-d, image {image.dim}-d; {speed} on "
-            f"{encoders.threads} thread(s) -> {layout.features_dir}"
+            f"{where} -> {layout.features_dir}"
         ),
         metrics=metrics,
         tags={"text_model": text.ref, "image_model": image.ref},

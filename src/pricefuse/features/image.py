@@ -31,12 +31,14 @@ Amazon product photos are on white and often tall or wide, and a crop cuts off t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +46,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from pricefuse.core import compat
+from pricefuse.core.device import autocast_dtype, resolve_device
 from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
 from pricefuse.features import joint, openclip
 
@@ -65,6 +68,24 @@ class Preprocess:
     fill: tuple[int, int, int] = WHITE
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.asarray(self.canvas(image), dtype=np.float32) / 255.0)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (pixels.permute(2, 0, 1) - mean) / std
+
+    def normalise(self, canvases: torch.Tensor) -> torch.Tensor:
+        """A batch of `canvas` outputs, uint8 (n, size, size, 3) on any device -> the float
+        tensors `__call__` gives, (n, 3, size, size): the same arithmetic, element for element
+        (tested equal on the CPU)."""
+        pixels = canvases.to(torch.float32) / 255.0
+        mean = torch.tensor(self.mean, device=canvases.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=canvases.device).view(1, 3, 1, 1)
+        # contiguous: a channels-last batch would take other convolution kernels (other bits).
+        return ((pixels.permute(0, 3, 1, 2) - mean) / std).contiguous()
+
+    def canvas(self, image: Image.Image) -> np.ndarray:
+        """The image fitted into the white square: uint8 (size, size, 3), before normalising
+        (the PIL part, which image-decoding workers run)."""
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             # Transparent pixels often hold black; put them on the same white as the padding.
@@ -79,10 +100,7 @@ class Preprocess:
         )
         canvas = Image.new("RGB", (self.size, self.size), self.fill)
         canvas.paste(resized, ((self.size - resized.width) // 2, (self.size - resized.height) // 2))
-        pixels = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (pixels - mean) / std
+        return np.asarray(canvas, dtype=np.uint8)
 
 
 def open_image(path: str | Path, size_hint: int | None = None) -> Image.Image | None:
@@ -225,21 +243,69 @@ def _backbone(ref: str) -> tuple[torch.nn.Module, Stats, Stats]:
     )
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files by row, decoded and fitted into the square (uint8, `Preprocess.canvas`) in
+    whatever process a DataLoader runs it: (row, canvas or None when unreadable)."""
+
+    def __init__(self, paths: Sequence[str | Path], preprocess: Preprocess) -> None:
+        self.paths = [str(p) for p in paths]
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> tuple[int, np.ndarray | None]:
+        image = open_image(self.paths[row], self.preprocess.size)
+        if image is None:
+            return row, None
+        try:
+            return row, self.preprocess.canvas(image)
+        except Exception as exc:  # decodes, but PIL fails converting it
+            log.debug("image %d unusable: %s", row, exc)
+            return row, None
+
+
+def collate_canvases(items: list[tuple[int, np.ndarray | None]]) -> tuple[torch.Tensor, ...]:
+    """(rows, uint8 canvases) of a chunk's readable images; unreadable ones are left out."""
+    kept = [(row, canvas) for row, canvas in items if canvas is not None]
+    rows = torch.tensor([row for row, _ in kept], dtype=torch.long)
+    if not kept:
+        return rows, torch.empty(0, dtype=torch.uint8)
+    return rows, torch.from_numpy(np.stack([canvas for _, canvas in kept]))
+
+
 class ImageEncoder:
-    """Batched, never-raising image embedding with a per-row success mask."""
+    """Batched, never-raising image embedding with a per-row success mask.
+
+    On CUDA, with `half_precision`, the forward pass runs under autocast (bf16 where native, else
+    fp16). With `num_workers` > 0 the files are decoded by DataLoader worker processes (into
+    pinned memory on CUDA), so the model does not wait on PIL. Either way a batch is the next
+    `batch_size` readable images in row order, so the vectors do not depend on `num_workers`
+    (tested bit for bit on the CPU).
+    """
 
     def __init__(
-        self, ref: str, model: torch.nn.Module, preprocess: Preprocess, batch_size: int
+        self,
+        ref: str,
+        model: torch.nn.Module,
+        preprocess: Preprocess,
+        batch_size: int,
+        num_workers: int = 0,
+        half_precision: bool = False,
     ) -> None:
         if preprocess.size < 16:
             raise ValueError(f"image_size must be >= 16, got {preprocess.size}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.ref = ref
         self.model = model
         self.preprocess = preprocess
         self.batch_size = batch_size
+        self.num_workers = num_workers
         self.device = next(model.parameters()).device
+        self.half = autocast_dtype(self.device.type) if half_precision else None
         # One blank forward pass: learns the output width and fails now, with a clear message,
         # if the backbone cannot take this input size (e.g. a ViT fixed at another resolution).
         try:
@@ -256,12 +322,21 @@ class ImageEncoder:
         self.dim = int(probe.shape[1])
 
     @classmethod
-    def from_ref(cls, ref: str, image_size: int = 224, batch_size: int = 32) -> ImageEncoder:
+    def from_ref(
+        cls,
+        ref: str,
+        image_size: int = 224,
+        batch_size: int = 32,
+        device: str = "auto",
+        num_workers: int = 0,
+        half_precision: bool = False,
+    ) -> ImageEncoder:
         """Load from `pkg:<name>`, `hf:<repo>`, a local checkpoint/model directory or
-        `open_clip:<name>`."""
+        `open_clip:<name>`, onto `device` (auto | cpu | cuda, pricefuse.core.device)."""
         model, mean, std = _backbone(ref)
-        model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        return cls(ref, model, Preprocess(image_size, mean, std), batch_size)
+        model.to(torch.device(resolve_device(device, "embed.device")))
+        preprocess = Preprocess(image_size, mean, std)
+        return cls(ref, model, preprocess, batch_size, num_workers, half_precision)
 
     def encode(
         self, images: Sequence[Image.Image | None], progress: bool = False
@@ -272,9 +347,70 @@ class ImageEncoder:
     def encode_paths(
         self, paths: Sequence[str | Path], progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """As `encode`, reading files lazily (one batch in memory); ""/unreadable -> mask False."""
+        """As `encode`, reading files lazily (a few batches in memory); ""/unreadable -> mask
+        False. With `num_workers` > 0 the files are decoded in DataLoader worker processes."""
+        if self.num_workers > 0:
+            return self._encode_loaded(paths, progress)
         size = self.preprocess.size
         return self._encode(len(paths), lambda i: open_image(paths[i], size), progress)
+
+    def _encode_loaded(
+        self, paths: Sequence[str | Path], progress: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`encode_paths` with the decoding in worker processes; the chunks they return are
+        regrouped into the batches `_encode` forms (the next `batch_size` readable rows)."""
+        n = len(paths)
+        embeddings = np.zeros((n, self.dim), dtype=np.float32)
+        mask = np.zeros(n, dtype=bool)
+        wanted = [i for i in range(n) if str(paths[i])]  # "" = no image: nothing to read
+        bar = tqdm(total=n, unit="img", desc="image", disable=True if not progress else None)
+        with bar:
+            bar.update(n - len(wanted))
+            if not wanted:
+                return embeddings, mask
+            for rows, canvases in self._batches(self._loader(paths, wanted)):
+                embeddings[rows] = self._forward(self.preprocess.normalise(canvases))
+                mask[rows] = True
+                bar.update(len(rows))
+            bar.update(n - bar.n)  # the unreadable files
+        return embeddings, mask
+
+    def _loader(self, paths: Sequence[str | Path], rows: list[int]) -> Any:
+        return torch.utils.data.DataLoader(
+            ImageFiles(paths, self.preprocess),
+            batch_size=self.batch_size,
+            sampler=rows,
+            num_workers=min(self.num_workers, max(1, len(rows) // self.batch_size)),
+            collate_fn=collate_canvases,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _batches(self, chunks: Any) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(rows, canvases on the device) of `batch_size` readable images at a time (the last
+        batch fewer), from chunks of up to `batch_size` each. A chunk that is a whole batch
+        goes on as it is (pinned, on CUDA); chunks with unreadable images are joined."""
+        rows_buf: list[torch.Tensor] = []
+        pixels_buf: list[torch.Tensor] = []
+        count = 0
+        for rows, canvases in chunks:
+            if not len(rows):
+                continue
+            rows_buf.append(rows)
+            pixels_buf.append(canvases)
+            count += len(rows)
+            while count >= self.batch_size:
+                all_rows = rows_buf[0] if len(rows_buf) == 1 else torch.cat(rows_buf)
+                pixels = pixels_buf[0] if len(pixels_buf) == 1 else torch.cat(pixels_buf)
+                take = self.batch_size
+                yield all_rows[:take].numpy(), self._to_device(pixels[:take])
+                count -= take
+                rows_buf = [all_rows[take:]] if count else []
+                pixels_buf = [pixels[take:]] if count else []
+        if count:
+            yield torch.cat(rows_buf).numpy(), self._to_device(torch.cat(pixels_buf))
+
+    def _to_device(self, canvases: torch.Tensor) -> torch.Tensor:
+        return canvases.to(self.device, non_blocking=canvases.is_pinned())
 
     def _encode(
         self, n: int, load: Callable[[int], Image.Image | None], progress: bool
@@ -309,6 +445,11 @@ class ImageEncoder:
                 flush()
         return embeddings, mask
 
+    def _autocast(self) -> Any:
+        if self.half is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.half)
+
     def _forward(self, batch: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
+        with torch.inference_mode(), self._autocast():
             return self.model(batch.to(self.device)).float().cpu().numpy()

@@ -15,6 +15,7 @@ configured for another pooling is refused rather than silently embedded differen
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pricefuse.core import compat
+from pricefuse.core.device import autocast_dtype, resolve_device
 from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
 from pricefuse.features import joint, openclip
 
@@ -47,10 +49,6 @@ def _check_mean_pooling(directory: Path) -> None:
                 f"{directory} is configured for {', '.join(modes) or 'no'} pooling; "
                 "TextEncoder implements mean-token pooling only"
             )
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_transformer(ref: str, check: Callable[[Path], None] | None = None) -> tuple[Any, Any]:
@@ -124,7 +122,8 @@ class MeanPooledTower:
         tokens = self.tokenizer(
             batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         ).to(device)
-        hidden = self.model(**tokens).last_hidden_state
+        # Pooled in fp32 also under autocast (a no-op on the CPU, which computes in fp32).
+        hidden = self.model(**tokens).last_hidden_state.float()
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
@@ -143,7 +142,14 @@ def load_text_tower(ref: str) -> TextTower:
 class TextEncoder:
     """L2-normalised text embeddings of a tower (cosine similarity = dot product)."""
 
-    def __init__(self, ref: str, tower: TextTower, max_length: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        ref: str,
+        tower: TextTower,
+        max_length: int,
+        batch_size: int,
+        half_precision: bool = False,
+    ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2 (CLS + SEP), got {max_length}")
         if batch_size < 1:
@@ -158,13 +164,25 @@ class TextEncoder:
         self.tower = tower
         self.max_length = min(max_length, limit)
         self.batch_size = batch_size
+        # bf16/fp16 autocast on CUDA when asked (the embed stage); None: fp32, as on the CPU.
+        device = next(tower.model.parameters()).device.type
+        self.half = autocast_dtype(device) if half_precision else None
 
     @classmethod
-    def from_ref(cls, ref: str, max_length: int = 128, batch_size: int = 64) -> TextEncoder:
-        """Load from `pkg:<name>`, `hf:<repo>`, a local model directory or `open_clip:<name>`."""
+    def from_ref(
+        cls,
+        ref: str,
+        max_length: int = 128,
+        batch_size: int = 64,
+        device: str = "auto",
+        half_precision: bool = False,
+    ) -> TextEncoder:
+        """Load from `pkg:<name>`, `hf:<repo>`, a local model directory or `open_clip:<name>`,
+        onto `device` (auto | cpu | cuda, pricefuse.core.device); `half_precision`: autocast
+        on CUDA (bf16 where native, else fp16), nothing on the CPU."""
         tower = load_text_tower(ref)
-        tower.model.eval().to(_device())
-        return cls(ref, tower, max_length, batch_size)
+        tower.model.eval().to(torch.device(resolve_device(device, "embed.device")))
+        return cls(ref, tower, max_length, batch_size, half_precision)
 
     @property
     def model(self) -> Any:
@@ -200,6 +218,12 @@ class TextEncoder:
                 bar.update(len(index))
         return out
 
+    def _autocast(self) -> Any:
+        if self.half is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.half)
+
     def _embed_batch(self, batch: list[str]) -> np.ndarray:
-        pooled = self.tower.embed(batch, self.max_length)
-        return torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy()
+        with self._autocast():
+            pooled = self.tower.embed(batch, self.max_length)
+        return torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().numpy()

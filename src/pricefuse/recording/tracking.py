@@ -1,7 +1,8 @@
 """MLflow conventions and output lineage, in one place.
 
 Every stage run: experiment from params, run name = stage, tags `stage`, `git_commit`,
-`git_dirty`, `data_md5` and `upstream.<dir>` run ids; params flattened with dotted keys. Every
+`git_dirty`, `data_md5`, `upstream.<dir>` run ids and where it computed (`device`, `gpu_name`,
+`gpu_count`: pricefuse.core.device); params flattened with dotted keys. Every
 output directory gets a `meta.json` naming the run that wrote it, which is how a downstream run
 finds (and tags) the upstream runs it consumed.
 """
@@ -14,12 +15,14 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pricefuse.core.config import Params, flatten
+from pricefuse.core.device import device_tags, invisible_gpu_warning, resolve_device
 from pricefuse.core.lineage import read_meta, write_meta
 from pricefuse.core.records import StageRecord
 
@@ -186,21 +189,44 @@ def _truncate(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+def stage_device_tags(params: Params, device_key: str | None) -> dict[str, str]:
+    """The device tags of a stage whose device setting is the dotted key `device_key` of
+    `params` (e.g. `embed.device`; None: a stage that computes on the CPU only). When `auto`
+    falls back to the CPU while nvidia-smi sees a GPU, prints pricefuse.core.device's one-line
+    warning (stderr)."""
+    if device_key is None:
+        return device_tags("cpu")
+    node: Any = params
+    for part in device_key.split("."):
+        node = getattr(node, part)
+    device = str(node)
+    resolved = resolve_device(device, device_key)
+    if resolved == "cpu" and device.strip().lower() == "auto":
+        warning = invisible_gpu_warning()
+        if warning:
+            print(warning, file=sys.stderr)
+    return device_tags(resolved)
+
+
 @contextmanager
-def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> Iterator[Any]:
+def stage_run(
+    stage: str, params: Params, inputs: Iterable[Path | str] = (), device_key: str | None = None
+) -> Iterator[Any]:
     """Start (or join, under `mlflow run`) the MLflow run of one stage with the standard tags.
 
     `inputs`: the upstream outputs the stage reads; the raw CSVs are always added. Each is logged
     as an MLflow dataset with DVC's hash as digest (`pricefuse.recording.datasets`), and the ones
-    that
-    record a producing run (meta.json) become `upstream.<stage>` tags. System metrics (CPU,
-    memory, GPU when present) are sampled for the run.
+    that record a producing run (meta.json) become `upstream.<stage>` tags. `device_key`: the
+    stage's device setting (`embed.device`, ...; None for a CPU-only stage); the run is tagged
+    with the device it resolves to (`stage_device_tags`). System metrics (CPU, memory, GPU when
+    present) are sampled for the run.
     """
     from pricefuse.core.errors import StageError
 
     uri = default_tracking_uri()
+    tags = stage_device_tags(params, device_key)
     try:
-        with _stage_run(stage, params, inputs) as run:
+        with _stage_run(stage, params, inputs, tags) as run:
             yield run
     except Exception as exc:
         reason = unreachable_store(exc)
@@ -210,7 +236,9 @@ def stage_run(stage: str, params: Params, inputs: Iterable[Path | str] = ()) -> 
 
 
 @contextmanager
-def _stage_run(stage: str, params: Params, inputs: Iterable[Path | str]) -> Iterator[Any]:
+def _stage_run(
+    stage: str, params: Params, inputs: Iterable[Path | str], extra_tags: Mapping[str, str]
+) -> Iterator[Any]:
     import mlflow
 
     from pricefuse.recording.datasets import log_inputs
@@ -231,6 +259,7 @@ def _stage_run(stage: str, params: Params, inputs: Iterable[Path | str]) -> Iter
         "git_dirty": str(dirty).lower(),
         "data_md5": files_md5(data_files),
         **upstream_tags(inputs),
+        **extra_tags,
     }
     # Under `mlflow run` MLFLOW_RUN_ID is set and start_run() joins that run.
     parent = os.environ.get(PARENT_RUN_ENV)
@@ -248,14 +277,18 @@ def _stage_run(stage: str, params: Params, inputs: Iterable[Path | str]) -> Iter
 
 @contextmanager
 def stage_run_on_main(
-    is_main: bool, stage: str, params: Params, inputs: Iterable[Path | str] = ()
+    is_main: bool,
+    stage: str,
+    params: Params,
+    inputs: Iterable[Path | str] = (),
+    device_key: str | None = None,
 ) -> Iterator[Any]:
     """`stage_run` on the main process of a stage that several processes run together (data
     parallel training under torchrun / accelerate); None on the others. One stage, one run."""
     if not is_main:
         yield None
         return
-    with stage_run(stage, params, inputs) as run:
+    with stage_run(stage, params, inputs, device_key) as run:
         yield run
 
 

@@ -39,6 +39,12 @@ ART_PARAMS = "params"
 PARAM_LEVEL = "interval_level"  # per-request param: the price interval's level
 
 
+# The served model's requirements (`serving_requirements`), at the project root where stages run.
+SERVE_REQUIREMENTS = "requirements-serve.txt"
+# A decoder_lora text member needs these beyond requirements-serve.txt: its LoRA adapters load
+# through peft, and transformers reads its GGUF backbone through gguf (models/text/decoder_lora).
+DECODER_LORA_PACKAGES = ("peft", "gguf")
+
 # Requests of at most this many rows run torch on one thread. Why: their tensors are too small
 # for intra-op parallelism to pay, and waking a second (PASSIVE-waiting) OpenMP thread for each
 # of the ~150 ops of a row cost more than it saved: a single row's fusion heads took 14 ms on two
@@ -241,7 +247,13 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
         artifacts = {p.name: str(layout.model_dir(p.name)) for p in serving_producers(params)}
         artifacts[ART_ENSEMBLE] = str(layout.model_dir("ensemble"))
         artifacts[ART_PARAMS] = str(params_path)
-        lock = Path("requirements.lock")
+        listed = Path(SERVE_REQUIREMENTS)
+        requirements = None  # without the file (outside a project), MLflow infers them
+        if listed.exists():
+            requirements = serving_requirements(params, listed)
+            constraints = Path(tmp) / "constraints.txt"
+            constraints.write_text("\n".join(serving_constraints(requirements)) + "\n")
+            requirements.append(f"-c {constraints}")  # MLflow logs it as constraints.txt
         registered = params.mlflow.registered_model if params.ensemble.register else None
         info = mlflow.pyfunc.log_model(
             name="price_model",
@@ -250,7 +262,7 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
             code_paths=[str(Path(pricefuse.__file__).parent)],
             signature=model_signature(params.serving.interval_level),
             input_example=test_rows,
-            pip_requirements=_requirements(lock) if lock.exists() else None,
+            pip_requirements=requirements,
             registered_model_name=registered,
         )
     result: dict[str, Any] = {"model_uri": info.model_uri}
@@ -260,12 +272,70 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
     return result
 
 
-def _requirements(lock: Path) -> list[str]:
-    """The pinned lock minus comments and local/editable entries (pricefuse ships as code)."""
-    lines = []
-    for line in lock.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", "-e", "--")) or "pricefuse" in line:
+def serving_requirements(params: Any, listed: Path | str = SERVE_REQUIREMENTS) -> list[str]:
+    """The served model's pip requirements: `listed` (requirements-serve.txt: what the serving
+    code imports and the default encoders' weights, pinned as in requirements.lock without local
+    labels), plus what this model needs beyond it, pinned at the installed version (local label
+    dropped): the packages of the `pkg:` weights its encoders and text member reference, and
+    peft and gguf when its text member is a decoder_lora. Never the development tools of the
+    lock; pricefuse itself ships with the model as code."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from pricefuse.core.sources import ref_distributions
+    from pricefuse.pipeline.members import serving_producers
+
+    lines = [line.split(" #", 1)[0].strip() for line in Path(listed).read_text().splitlines()]
+    requirements = [line for line in lines if line and not line.startswith("#")]
+    refs = [params.embed.text_model, params.embed.image_model]
+    needed: dict[str, str] = {}
+    if any(producer.name == "text" for producer in serving_producers(params)):
+        refs.append(params.text.model)
+        if params.text.kind == "decoder_lora":
+            needed |= {name: importlib.metadata.version(name) for name in DECODER_LORA_PACKAGES}
+    for ref in refs:
+        needed |= ref_distributions(ref)
+    have = {canonicalize_name(Requirement(line).name) for line in requirements}
+    for name, version in needed.items():
+        if canonicalize_name(name) not in have:
+            requirements.append(f"{name}=={version.split('+', 1)[0]}")
+            have.add(canonicalize_name(name))
+    return requirements
+
+
+def serving_constraints(requirements: list[str]) -> list[str]:
+    """`name==version` of every distribution `requirements` pull in here, themselves included,
+    at the installed version (local label dropped): the model's constraints.txt. Its environment
+    then gets the versions the model was built and tested with (requirements.lock's), where the
+    requirements alone would let pip take the newest release every dependency allows.
+
+    Walks the installed distributions' metadata (markers evaluated for this interpreter,
+    requested extras followed); a constraint installs nothing by itself."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins: dict[str, str] = {}
+    todo = [Requirement(line) for line in requirements]
+    seen: set[tuple[str, frozenset[str]]] = set()
+    while todo:
+        requirement = todo.pop()
+        key = (canonicalize_name(requirement.name), frozenset(requirement.extras))
+        if key in seen:
             continue
-        lines.append(line)
-    return lines
+        seen.add(key)
+        try:
+            dist = importlib.metadata.distribution(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not installed here: nothing to pin it to
+        pins[key[0]] = f"{dist.metadata['Name']}=={dist.version.split('+', 1)[0]}"
+        for line in dist.requires or []:
+            dependency = Requirement(line)
+            extras = {"", *requirement.extras}
+            marker = dependency.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras):
+                todo.append(dependency)
+    return sorted(pins.values(), key=str.lower)

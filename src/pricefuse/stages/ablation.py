@@ -24,7 +24,8 @@ def run(params: Params) -> None:
     train = load_split(params, "train")
     oof = member_predictions(params, "train", members, train.frame[ID]).to_numpy()
     upstream = [layout.interim_dir, layout.features_dir, layout.model_dir("ensemble")]
-    with tracking.stage_run(STAGE, params, inputs=upstream) as run:
+    # Retrains fusion heads (one per modality subset) on `fusion.device`, as train_fusion does.
+    with tracking.stage_run(STAGE, params, upstream, "fusion.device") as run:
         variants = params.ablation.fusion_variants
         result = run_ablation(params.fusion, params.seed, variants, train, oof, members)
         tracking.record(run, STAGE, result)

@@ -15,6 +15,6 @@ def run(params: Params) -> None:
     layout = Layout(params.data)
     tables = load_embed_inputs(layout)
     encoders = load_encoders(params.embed)
-    with tracking.stage_run(STAGE, params, inputs=[layout.interim_dir]) as run:
+    with tracking.stage_run(STAGE, params, [layout.interim_dir], "embed.device") as run:
         result = embed_tables(tables, encoders, layout)
         tracking.record(run, STAGE, result)

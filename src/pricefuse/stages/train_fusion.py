@@ -15,6 +15,7 @@ STAGE = __name__.rpartition(".")[2]
 def run(params: Params) -> None:
     layout = Layout(params.data)
     train, test = load_split(params, "train"), load_split(params, "test")
-    with tracking.stage_run(STAGE, params, inputs=stage_upstream(params, MEMBER)) as run:
+    upstream = stage_upstream(params, MEMBER)
+    with tracking.stage_run(STAGE, params, upstream, "fusion.device") as run:
         result = train_fusion_member(params.fusion, params.seed, train, test, layout, progress=True)
         tracking.record(run, STAGE, result)

@@ -21,6 +21,7 @@ STAGE = __name__.rpartition(".")[2]
 def run(params: Params) -> None:
     train = load_stage_rows(params, "train", PRODUCER)
     test = load_stage_rows(params, "test", PRODUCER)
-    with tracking.stage_run(STAGE, params, inputs=stage_upstream(params, PRODUCER)) as run:
+    upstream = stage_upstream(params, PRODUCER)
+    with tracking.stage_run(STAGE, params, upstream, "gbdt.device") as run:
         result = train_gbdt_members(params.gbdt, params.seed, train, test, Layout(params.data))
         tracking.record(run, STAGE, result)

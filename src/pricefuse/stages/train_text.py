@@ -22,9 +22,12 @@ def run(params: Params) -> None:
     accelerator = make_accelerator(params.text)  # one process, or one of torchrun's N
     try:
         main = accelerator.is_main_process  # only it logs the run and writes the outputs
-        with tracking.stage_run_on_main(main, STAGE, params, [layout.interim_dir]) as run:
+        upstream = [layout.interim_dir]
+        with tracking.stage_run_on_main(main, STAGE, params, upstream, "text.device") as run:
             result = train_text_member(params.text, train, test, layout, accelerator, progress=True)
             if run is not None:
+                if accelerator.device.type == "cuda":  # data parallel: one GPU per process
+                    result.tags["gpu_count"] = str(accelerator.num_processes)
                 tracking.record(run, STAGE, result)
     finally:
         accelerator.end_training()

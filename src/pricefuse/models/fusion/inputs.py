@@ -30,7 +30,7 @@ UNK = "<unk>"
 # trained on something that resembles "a unit we know little about", and one row cannot fit an
 # embedding of its own anyway.
 MIN_UNIT_COUNT = 2
-# Parsed-table columns the numeric features come from (see docs/contracts.md, parse_frame).
+# Parsed-table columns the numeric features come from (docs/architecture.md: parse_frame).
 NUMERIC_SOURCE_COLUMNS = (
     "log_quantity",
     "pack",
@@ -183,6 +183,11 @@ class FusionInputs:
         if rows is None:
             return tensors
         return tuple(t[rows] for t in tensors)
+
+    def to(self, device: torch.device | str) -> FusionInputs:
+        """The same inputs on `device` (themselves, not a copy, where they already are)."""
+        moved = [t.to(device) for t in self.features()]
+        return FusionInputs(*moved)
 
 
 @dataclass(frozen=True)

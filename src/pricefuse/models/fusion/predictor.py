@@ -45,15 +45,19 @@ class FoldModel:
 
     @torch.inference_mode()
     def predict_inputs(self, inputs: FusionInputs) -> np.ndarray:
-        """Clipped log1p predictions for already built inputs (eval mode: no dropout)."""
+        """Clipped log1p predictions for already built inputs (eval mode: no dropout), computed
+        where the head is (batches moved there; on the CPU nothing moves)."""
         # Toggled only when needed: eval()/train() walk every submodule, which cost more than a
         # served row's forward pass.
         was_training = self.head.training
         toggle = any(module.training for module in self.head.modules())
         if toggle:
             self.head.eval()
+        device = self.head.target_mean.device
         out = [
-            self.head(*inputs.features(slice(start, start + PREDICT_BATCH))).numpy()
+            self.head(*(t.to(device) for t in inputs.features(slice(start, start + PREDICT_BATCH))))
+            .cpu()
+            .numpy()
             for start in range(0, len(inputs), PREDICT_BATCH)
         ]
         if toggle:

@@ -9,6 +9,12 @@ The loss is `gbdt.objective`: squared error, or Huber with `huber_delta` (defaul
 SMAPE is close to the absolute error of log prices, so mispriced listings should pull the trees
 less than squared error lets them. Each booster early-stops on the validation set it is given and
 keeps only the rounds up to its best iteration.
+
+Device (`gbdt.device`, resolved to `FitOptions.device`): on "cuda" XGBoost trains with
+`device="cuda"` and CatBoost with `task_type="GPU"`; LightGBM always trains on the CPU, since
+its pip wheel is a CPU build (a CUDA LightGBM must be compiled from source). Predictions run on
+the CPU whatever trained the model: that is where the ensemble and the served model run them.
+GPU training is not bit-reproducible (both libraries sum in a non-deterministic order).
 """
 
 from __future__ import annotations
@@ -40,11 +46,13 @@ def available_cores() -> int:
 
 @dataclass(frozen=True)
 class FitOptions:
-    """What every booster needs to train: the gbdt section, the seed and a thread budget."""
+    """What every booster needs to train: the gbdt section, the seed, a thread budget and the
+    device ("cpu" or "cuda", `gbdt.device` resolved by pricefuse.core.device)."""
 
     cfg: GbdtConfig
     seed: int
     n_jobs: int = 1
+    device: str = "cpu"
 
 
 class Booster(Protocol):
@@ -155,7 +163,8 @@ def _catboost_loss(cfg: GbdtConfig) -> str:
 
 
 class LightGBMBooster(_NativeBooster):
-    """LightGBM with native categorical splits on the unit / quantity-kind codes."""
+    """LightGBM with native categorical splits on the unit / quantity-kind codes. Always on the
+    CPU, whatever `FitOptions.device` says: the pip wheel has no CUDA support."""
 
     name: ClassVar[str] = "lightgbm"
     suffix: ClassVar[str] = ".txt"
@@ -261,21 +270,10 @@ class XGBoostBooster(_NativeBooster):
     ) -> Self:
         import xgboost as xgb
 
-        cfg, own = options.cfg, options.cfg.xgboost
-        params = {
-            **_xgboost_objective(cfg),
-            "eta": cfg.learning_rate,
-            "max_depth": own.max_depth,
-            "subsample": own.subsample,
-            "colsample_bytree": own.colsample_bytree,
-            "tree_method": "hist",
-            "max_bin": cfg.max_bin,
-            "seed": options.seed,
-            "nthread": options.n_jobs,
-        }
+        cfg = options.cfg
         holdout = self._matrix(valid, y_valid, options.n_jobs)
         model = xgb.train(
-            params,
+            xgboost_params(options),
             self._matrix(train, y_train, options.n_jobs),
             num_boost_round=cfg.n_estimators,
             evals=[(holdout, "valid")],
@@ -283,6 +281,8 @@ class XGBoostBooster(_NativeBooster):
             verbose_eval=False,
         )
         self._model = model[: model.best_iteration + 1]
+        if options.device != "cpu":  # predict where the data is (see the module docstring)
+            self._model.set_param({"device": "cpu"})
         return self
 
     def predict(self, x: FeatureMatrix) -> np.ndarray:
@@ -340,21 +340,7 @@ class CatBoostBooster(_NativeBooster):
     ) -> Self:
         from catboost import CatBoostRegressor
 
-        cfg = options.cfg
-        model = CatBoostRegressor(
-            iterations=cfg.n_estimators,
-            learning_rate=cfg.learning_rate,
-            depth=cfg.catboost.depth,
-            border_count=cfg.max_bin,
-            loss_function=_catboost_loss(cfg),
-            random_seed=options.seed,
-            thread_count=options.n_jobs,
-            od_type="Iter",
-            od_wait=cfg.early_stopping_rounds,
-            use_best_model=True,
-            allow_writing_files=False,
-            verbose=False,
-        )
+        model = CatBoostRegressor(**catboost_params(options))
         categorical = [train.names[i] for i in train.categorical]
         model.fit(
             self._frame(train),
@@ -391,6 +377,49 @@ class CatBoostBooster(_NativeBooster):
         from catboost import CatBoostRegressor
 
         return cls(CatBoostRegressor().load_model(str(path), format="cbm"))
+
+
+def xgboost_params(options: FitOptions) -> dict[str, Any]:
+    """`xgb.train`'s parameters: `hist` trees, on the GPU when `options.device` is "cuda"."""
+    cfg, own = options.cfg, options.cfg.xgboost
+    params = {
+        **_xgboost_objective(cfg),
+        "eta": cfg.learning_rate,
+        "max_depth": own.max_depth,
+        "subsample": own.subsample,
+        "colsample_bytree": own.colsample_bytree,
+        "tree_method": "hist",
+        "max_bin": cfg.max_bin,
+        "seed": options.seed,
+        "nthread": options.n_jobs,
+    }
+    if options.device == "cuda":
+        params["device"] = "cuda"
+    return params
+
+
+def catboost_params(options: FitOptions) -> dict[str, Any]:
+    """`CatBoostRegressor`'s parameters: on the GPU (`task_type="GPU"`, the current device) when
+    `options.device` is "cuda"."""
+    cfg = options.cfg
+    params: dict[str, Any] = {
+        "iterations": cfg.n_estimators,
+        "learning_rate": cfg.learning_rate,
+        "depth": cfg.catboost.depth,
+        "border_count": cfg.max_bin,
+        "loss_function": _catboost_loss(cfg),
+        "random_seed": options.seed,
+        "thread_count": options.n_jobs,
+        "od_type": "Iter",
+        "od_wait": cfg.early_stopping_rounds,
+        "use_best_model": True,
+        "allow_writing_files": False,
+        "verbose": False,
+    }
+    if options.device == "cuda":
+        params["task_type"] = "GPU"
+        params["devices"] = "0"  # the first GPU CUDA_VISIBLE_DEVICES leaves visible
+    return params
 
 
 BOOSTERS: dict[str, type[Booster]] = {

@@ -1,8 +1,8 @@
 """The persisted GBDT member: each fold's featurizer and booster models, as serving loads them.
 
 Why its own module: serving imports it by name (`pricefuse.pipeline.members`) and needs none of the
-training code; and its on-disk layout is a contract (docs/contracts.md) that should change only
-on purpose.
+training code; and its on-disk layout is a contract (docs/architecture.md, module map) that
+should change only on purpose.
 """
 
 from __future__ import annotations

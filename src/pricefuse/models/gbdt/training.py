@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.core.config import GbdtConfig
+from pricefuse.core.device import resolve_device
 from pricefuse.core.metrics import smape_from_log
 from pricefuse.features.fold_features import FoldFeatures, fold_features
 from pricefuse.features.tabular import Embeddings
@@ -66,6 +67,7 @@ def train_kfold_boosters(
     bounded-gradient loss such as Huber, trees that start from 0 would spend hundreds of rounds
     just reaching the price level (XGBoost's pseudo-Huber never got there in 600).
     Importances are averaged over folds. `on_fold_done(booster, fold)` reports progress.
+    XGBoost and CatBoost train on `gbdt.device` (LightGBM on the CPU: models.gbdt.boosters).
     """
     y = np.asarray(y, dtype=np.float64)
     if not fold_sets:
@@ -75,7 +77,8 @@ def train_kfold_boosters(
     covered = np.sum([f.held for f in fold_sets], axis=0)
     if len(fold_sets) < 2 or len(covered) != len(y) or not (covered == 1).all():
         raise ValueError("need >= 2 folds and every train row in exactly one")
-    options = FitOptions(cfg, seed, n_jobs or available_cores())
+    device = resolve_device(cfg.device, "gbdt.device")
+    options = FitOptions(cfg, seed, n_jobs or available_cores(), device)
     lo, hi = clip_range(y)
     names = fold_sets[0].x_fit.names
     with_test = all(f.x_test is not None for f in fold_sets)

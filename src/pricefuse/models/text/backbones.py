@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from pricefuse.features.text import load_transformer
+from pricefuse.models.text.precision import choose_precision, cuda_capability
 
 if TYPE_CHECKING:
     from pricefuse.core.config import TextConfig
@@ -42,6 +43,11 @@ class TextBackbone(Protocol):
         ...
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def reinit_trainable(self, seed: int) -> None:
+        """Redraw the randomly initialised part of the trainable state from `seed`, on the CPU
+        whatever the device (encoder: none, every weight is pretrained; LoRA: the adapters)."""
+        ...
 
     def set_frozen(self, frozen: bool) -> None:
         """Stop (or resume) training the backbone: the frozen first epochs train the head only."""
@@ -93,6 +99,9 @@ class EncoderBackbone:
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.model.load_state_dict(state)
 
+    def reinit_trainable(self, seed: int) -> None:
+        """Nothing is random in a pretrained encoder (the pooler, untrained, is dropped)."""
+
     def set_frozen(self, frozen: bool) -> None:
         self.module.model.requires_grad_(not frozen)
 
@@ -116,8 +125,12 @@ def load_encoder(ref: str, pooling: str, gradient_checkpointing: bool) -> Encode
     return EncoderBackbone(ref, model, tokenizer, pooling)
 
 
-def load_backbone(cfg: TextConfig) -> TextBackbone:
-    """The backbone `text.kind` names, with pretrained weights from `text.model`."""
+def load_backbone(cfg: TextConfig, dtype: torch.dtype | None = None) -> TextBackbone:
+    """The backbone `text.kind` names, with pretrained weights from `text.model`.
+
+    `dtype`: a LoRA decoder's frozen base weights (the trainer passes its precision's
+    `param_dtype`); None = what `text.mixed_precision` gets on this process's device. Encoders
+    load in float32 (autocast handles mixed precision)."""
     if cfg.kind == "encoder":
         return load_encoder(cfg.model, cfg.pooling, cfg.gradient_checkpointing)
     if cfg.kind == "decoder_lora":
@@ -132,5 +145,13 @@ def load_backbone(cfg: TextConfig) -> TextBackbone:
             target_modules=tuple(lora.target_modules),
             pooling=cfg.pooling,
             gradient_checkpointing=cfg.gradient_checkpointing,
+            dtype=dtype if dtype is not None else _device_param_dtype(cfg.mixed_precision),
         )
     raise ValueError(f"unknown text.kind {cfg.kind!r}; known: {', '.join(KINDS)}")
+
+
+def _device_param_dtype(preference: str) -> torch.dtype:
+    """What the preference gets on this process's device (quietly: serving trains nothing)."""
+    capability = cuda_capability()
+    device = "cuda" if capability is not None else "cpu"
+    return choose_precision(preference, device, capability).param_dtype

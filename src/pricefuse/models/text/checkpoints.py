@@ -6,8 +6,9 @@ out-of-fold outputs (log1p predictions, pooled vectors as float16). Written atom
 in the same directory, then one rename), so a kill leaves either the old file or the new one.
 
 Every file carries a fingerprint of what determines the fold's result: the training parameters
-(`text.*` except those only serving reads: `refit`, `export_embeddings`, `predict_batch_size`;
-`lora.*` only for LoRA backbones), the rows (sample ids, fold ids, targets) and this format's
+(`text.*` except those only serving reads, `refit`, `export_embeddings`, `predict_batch_size`,
+and `log_every`, which only changes how often the loss is read; `lora.*` only for LoRA
+backbones), the rows (sample ids, fold ids, targets) and this format's
 version. A run takes over a file only when the fingerprint matches, so changing a parameter or the
 data retrains instead of silently reusing a stale fold. The process count is not part of it: a
 fold trained on 2 GPUs is reused on 1.
@@ -36,7 +37,7 @@ FORMAT_VERSION = 1
 REFIT = "refit"
 WEIGHT_KEYS = ("trainable", "head")
 # Parameters that do not change what a fold learns (serving-side choices).
-NOT_FINGERPRINTED = ("refit", "export_embeddings", "predict_batch_size")
+NOT_FINGERPRINTED = ("refit", "export_embeddings", "predict_batch_size", "log_every")
 
 
 def fingerprint(cfg: TextConfig, ids: pd.Series, folds: np.ndarray, y_log: np.ndarray) -> str:

@@ -23,11 +23,14 @@ Weights (`src/pricefuse/core/sources.py` references):
   safetensors, e.g. `hf:Qwen/Qwen2.5-0.5B` up to 7B decoders (hub GGUF-only repositories are not
   fetched by `hf:`: download the .gguf and reference its path).
 
-GPU path: `dtype="auto"` loads the base in bfloat16 on a CUDA device with bf16 support (halves
-the memory, the tensor cores' native type) and float32 elsewhere; peft keeps the adapters in
-float32 either way (`autocast_adapter_dtype`), and the pooled vectors come back as float32 for
-the head. With gradient checkpointing, a 7B decoder in bf16 with r=16 adapters trains on one
-80 GB GPU at a few hundred tokens a text. On CPU only tiny steps are practical (tests).
+GPU path: the base's dtype follows the run's precision (pricefuse.models.text.precision): bfloat16
+only on a GPU with native bf16 (compute capability >= 8.0; halves the memory, the tensor cores'
+type), float32 elsewhere - also under fp16 autocast (T4, V100), since Gemma's activations overflow
+when the weights themselves are fp16 (autocast keeps norms and softmax in fp32), and on a GPU
+whose bf16 would only be emulated. `dtype="auto"` asks the device the same way. peft keeps the
+adapters in float32 either way (`autocast_adapter_dtype`), and the pooled vectors come back as
+float32 for the head. With gradient checkpointing, a 7B decoder in bf16 with r=16 adapters trains
+on one 80 GB GPU at a few hundred tokens a text. On CPU only tiny steps are practical (tests).
 
 The backbone is returned on the CPU: the caller moves `module` to its device. Only the adapter
 parameters have `requires_grad`; give the optimizer `p for p in module.parameters() if
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +50,7 @@ from torch import nn
 
 from pricefuse.core import compat
 from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
+from pricefuse.models.text.precision import choose_precision, cuda_capability
 
 POOLINGS = ("last", "mean")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -67,9 +72,10 @@ def pretrained_source(resolved: ResolvedModel) -> tuple[str, str | None]:
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype == "auto":  # bf16 only where native (is_bf16_supported() counts emulation)
+        capability = cuda_capability()
+        device = "cuda" if capability is not None else "cpu"
+        return choose_precision("auto", device, capability).param_dtype
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
             dtype
@@ -213,6 +219,24 @@ class DecoderLoraBackbone:
                 "was it trained with other target_modules or r?"
             )
         set_peft_model_state_dict(self.peft_model, state)
+
+    def reinit_trainable(self, seed: int) -> None:
+        """Fresh adapters drawn from `seed`, as peft initialises them (`init_lora_weights=True`:
+        lora_A Kaiming-uniform like nn.Linear, lora_B zero, so the backbone's vectors are the
+        base model's again). Drawn on the CPU by a generator of its own and copied in: the same
+        adapters whether the module is on the CPU (a first fold) or already on a GPU (later
+        folds), and the global RNG (dropout, the head) is left as it was."""
+        generator = torch.Generator().manual_seed(int(seed))
+        for name, parameter in sorted(self._adapter_parameters().items()):
+            with torch.no_grad():
+                if ".lora_A." in name:
+                    fresh = torch.empty(parameter.shape, dtype=torch.float32)
+                    nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+                    parameter.copy_(fresh)
+                elif ".lora_B." in name:
+                    parameter.zero_()
+                else:
+                    raise ValueError(f"unexpected adapter parameter {name!r}")
 
     def set_frozen(self, frozen: bool) -> None:
         """Freeze (no gradients) or unfreeze the adapters; the base stays frozen either way."""

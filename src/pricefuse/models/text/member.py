@@ -29,8 +29,9 @@ from pricefuse.core.errors import StageError
 from pricefuse.core.layout import ID, Layout
 from pricefuse.core.records import PlotData, StageRecord
 from pricefuse.core.rows import row_hash
-from pricefuse.models.text.backbones import KINDS, POOLINGS
-from pricefuse.models.text.data import render_texts, template_fields
+from pricefuse.models.text.backbones import KINDS, POOLINGS, TextBackbone
+from pricefuse.models.text.data import by_length, render_texts, template_fields
+from pricefuse.models.text.precision import PREFERENCES, reload_tolerance
 from pricefuse.models.text.predictor import MANIFEST, MEMBER, TextPredictor, write_manifest
 from pricefuse.models.text.schedules import SCHEDULES
 from pricefuse.models.text.training import TextFit, train_text_kfold
@@ -38,8 +39,6 @@ from pricefuse.pipeline.inputs import train_targets
 from pricefuse.pipeline.predictions import write_member_predictions
 
 MODEL_ARTIFACT_PATH = "text_model"
-# Test rows the reloaded predictor re-predicts, checked against the run's test predictions.
-CHECK_ROWS = 8
 CURVES = ("train_loss", "val_smape")
 
 
@@ -59,7 +58,12 @@ def check_config(cfg: TextConfig) -> None:
         problems.append(f"text.schedule must be one of {', '.join(SCHEDULES)}")
     if not 0 <= cfg.frozen_epochs < max(cfg.epochs, 1):
         problems.append("text.frozen_epochs must be in 0..epochs-1 (the backbone must train)")
-    for name in ("batch_size", "predict_batch_size", "grad_accum", "epochs"):
+    if cfg.mixed_precision not in PREFERENCES:
+        problems.append(
+            f"text.mixed_precision must be one of {', '.join(PREFERENCES)}, "
+            f"got {cfg.mixed_precision!r}"
+        )
+    for name in ("batch_size", "predict_batch_size", "grad_accum", "epochs", "log_every"):
         if getattr(cfg, name) < 1:
             problems.append(f"text.{name} must be >= 1")
     try:
@@ -119,7 +123,15 @@ def train_text_member(
     if not accelerator.is_main_process:
         return StageRecord(summary="")
     manifest = write_manifest(out_dir, cfg, fit.serving_files)
-    _check_reloaded(out_dir, test, fit.test, strict=accelerator.mixed_precision == "no")
+    check_reloaded(
+        out_dir,
+        test,
+        fit.test,
+        mixed=str(accelerator.mixed_precision),
+        backbone=fit.backbone,
+        device=accelerator.device,
+    )
+    fit.backbone = None  # the model's memory goes with the last reference
     write_member_predictions(
         layout, MEMBER, train[ID], folds, {MEMBER: fit.oof}, test[ID], {MEMBER: fit.test}
     )
@@ -128,12 +140,13 @@ def train_text_member(
     resumed = f"; resumed {', '.join(fit.resumed)}" if fit.resumed else ""
     return StageRecord(
         summary=f"text OOF SMAPE {fit.smape_oof:.3f}% (folds {folds_text}) in {fit.seconds:.0f}s "
-        f"on {accelerator.num_processes} process(es){resumed}",
+        f"on {accelerator.num_processes} process(es) in {fit.precision}{resumed}",
         metrics=_metrics(fit),
         step_metrics={
             f"{series}_{name}": curve
             for name, history in fit.histories.items()
             for series, curve in history.items()
+            if curve  # step_loss stays empty in an epoch of fewer than text.log_every steps
         },
         plots=_plots(y, fit),
         artifacts={MODEL_ARTIFACT_PATH: [manifest, *fit.serving_files]},
@@ -145,26 +158,49 @@ def train_text_member(
                 "combine": "refit" if cfg.refit else "fold_mean",
                 "resumed": fit.resumed,
                 "num_processes": accelerator.num_processes,
+                "precision": fit.precision,
                 "model_artifact_path": MODEL_ARTIFACT_PATH,
                 "manifest": MANIFEST,
             },
             layout.text_member_embeddings_dir: embeddings,
         },
-        params={"text_num_processes": accelerator.num_processes},
+        params={"text_num_processes": accelerator.num_processes, "text_precision": fit.precision},
     )
 
 
-def _check_reloaded(out_dir: Any, test: pd.DataFrame, expected: np.ndarray, strict: bool) -> None:
-    """The saved predictor must answer what the run computed: serving reads only what is saved."""
-    rows = min(CHECK_ROWS, len(test))
-    if not rows:
+def check_reloaded(
+    out_dir: Path,
+    test: pd.DataFrame,
+    expected: np.ndarray,
+    mixed: str = "no",
+    backbone: TextBackbone | None = None,
+    device: Any = None,
+) -> None:
+    """The saved predictor must answer what the run computed: serving reads only what is saved.
+
+    It re-predicts the run's first test batch (the `predict_batch_size` longest rows, which the
+    run predicted as one batch) through the path the run took: same batch, same shapes, same
+    autocast (`mixed`, the run's), on the run's backbone (`backbone`, reused rather than
+    loaded again; its trainable state comes from the saved checkpoints). A sound run therefore
+    reproduces its numbers up to the dtype's rounding (`reload_tolerance`); a checkpoint that
+    lost or mixed up weights does not."""
+    if not len(test):
         return
-    got = TextPredictor.load(out_dir).predict(test.iloc[:rows])
-    tolerance = 1e-3 if strict else 5e-2  # autocast (bf16/fp16) in training, fp32 when served
-    if not np.allclose(got, expected[:rows], atol=tolerance):
+    predictor = TextPredictor.load(out_dir, backbone=backbone, mixed=mixed, device=device)
+    ids = predictor.tokenize(test)
+    batch = np.sort(by_length(ids, np.arange(len(ids)))[: predictor.cfg.predict_batch_size])
+    compare_reloaded(predictor.predict(test.iloc[batch]), np.asarray(expected)[batch], mixed)
+
+
+def compare_reloaded(got: np.ndarray, expected: np.ndarray, mixed: str) -> None:
+    """StageError unless the reloaded predictions match within `reload_tolerance(mixed)`."""
+    tolerance = reload_tolerance(mixed)
+    worst = float(np.max(np.abs(np.asarray(got) - np.asarray(expected)), initial=0.0))
+    if not np.isfinite(got).all() or worst > tolerance:
         raise StageError(
             f"the saved text model predicts {got[:3]} on the first test rows, the run computed "
-            f"{expected[:3]}: saving lost something"
+            f"{expected[:3]} (largest difference {worst:.3g} > {tolerance:.3g}, {mixed} "
+            "autocast): saving lost something"
         )
 
 

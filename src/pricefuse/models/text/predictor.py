@@ -12,6 +12,7 @@ The registry (`pricefuse.pipeline.members`) names `pricefuse.models.text.predict
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from pricefuse.core.config import TextConfig, section_from_dict
 from pricefuse.models.text.backbones import TextBackbone, load_backbone
 from pricefuse.models.text.data import PadCollate, TokenRows, by_length, pad_id, render_texts
 from pricefuse.models.text.data import tokenize as tokenize_texts
+from pricefuse.models.text.precision import Precision
 from pricefuse.models.text.regressor import (
     RowOutputs,
     TargetScale,
@@ -41,6 +43,9 @@ if TYPE_CHECKING:
 MEMBER = "text"
 MANIFEST = "text.json"
 FORMAT_VERSION = 1
+# `text` parameters added after manifests were first written, with the value that reproduces
+# what a model saved before them did: such a model still loads.
+MANIFEST_DEFAULTS = {"log_every": 50, "device": "auto"}
 
 
 def write_manifest(directory: Path, cfg: TextConfig, files: Sequence[Path]) -> Path:
@@ -73,20 +78,45 @@ class TextPredictor:
     With one model (the refit) its weights are loaded once. With K fold models they share one
     backbone and each prediction loads each fold's state in turn: K forward passes per row (see
     benchmarks/text_member.py for what that costs), but one backbone in memory.
+
+    `mixed`: the autocast it predicts under ("no": none, as served; "bf16"/"fp16": what a
+    training run used, for the reload check, which must take the training run's path);
+    `device`: where it runs (default: CUDA when there is one).
     """
 
-    def __init__(self, cfg: TextConfig, backbone: TextBackbone, models: list[ServingModel]) -> None:
+    def __init__(
+        self,
+        cfg: TextConfig,
+        backbone: TextBackbone,
+        models: list[ServingModel],
+        *,
+        mixed: str = "no",
+        device: torch.device | str | None = None,
+    ) -> None:
         if not models:
             raise ValueError("a TextPredictor needs at least one serving model")
         self.cfg = cfg
         self.backbone = backbone
         self.models = models
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device is not None:
+            self.device = torch.device(device)
+        self.autocast_dtype = Precision.of(mixed).autocast_dtype
         self.regressor = build_regressor(backbone, cfg.head_dropout).to(self.device).eval()
         self._loaded: int | None = None
 
     @classmethod
-    def load(cls, directory: Path | str) -> TextPredictor:
+    def load(
+        cls,
+        directory: Path | str,
+        *,
+        backbone: TextBackbone | None = None,
+        mixed: str = "no",
+        device: torch.device | str | None = None,
+    ) -> TextPredictor:
+        """The predictor saved in `directory`; `backbone`: one already loaded for the same
+        `text.model` to reuse (its trainable state is overwritten by the checkpoints'),
+        instead of loading the base model again."""
         directory = Path(directory)
         path = directory / MANIFEST
         if not path.exists():
@@ -97,13 +127,16 @@ class TextPredictor:
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path}: format {manifest.get('format')}, expected {FORMAT_VERSION}")
-        cfg = section_from_dict(TextConfig, manifest["text"], "text", source=str(path))
+        raw = {**MANIFEST_DEFAULTS, **manifest["text"]}  # a manifest may predate these
+        cfg = section_from_dict(TextConfig, raw, "text", source=str(path))
         models = []
         for name in manifest["models"]:
             payload = torch.load(directory / name, map_location="cpu", weights_only=True)
             scale = TargetScale.from_dict(payload["scale"])
             models.append(ServingModel(payload["trainable"], payload["head"], scale))
-        return cls(cfg, load_backbone(cfg), models)
+        if backbone is None:
+            backbone = load_backbone(cfg)
+        return cls(cfg, backbone, models, mixed=mixed, device=device)
 
     def _use(self, index: int) -> TextRegressor:
         if self._loaded != index:
@@ -131,13 +164,19 @@ class TextPredictor:
                 batch_size=self.cfg.predict_batch_size,
                 collate_fn=PadCollate(pad_id(self.backbone.tokenizer)),
             )
-            out: RowOutputs = predict_batches(
-                self._use(index), loader, np.arange(len(ids)), self.device, pooled
-            )
+            with self._autocast():
+                out: RowOutputs = predict_batches(
+                    self._use(index), loader, np.arange(len(ids)), self.device, pooled
+                )
             preds.append(out.log_price(model.scale))
             if out.pooled is not None:
                 vectors.append(out.pooled)
         return np.mean(preds, axis=0), (np.mean(vectors, axis=0) if vectors else None)
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def predict(self, parsed: pd.DataFrame) -> np.ndarray:
         return self.outputs(parsed)[0]

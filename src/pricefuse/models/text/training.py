@@ -7,12 +7,24 @@ A plain `pricefuse train-text` is one process; `torchrun --nproc_per_node N -m p
 train-text` (or `accelerate launch` on GPU machines) is N data-parallel processes that train each
 fold together, each on its shard of every epoch's batches.
 
-Per fold k: a fresh pretrained backbone and head, trained on the other folds' rows for
-`text.epochs` (the first `frozen_epochs` with the backbone frozen; Huber, then SMAPE for the last
-`smape_epochs`), validated on fold k every epoch (the learning curve); the last epoch's weights
-give fold k's out-of-fold predictions and pooled vectors. Each row's OOF output therefore comes
-from the one model that never saw it. Every fold is seeded from (text.seed, fold) alone, so a
-resumed run reproduces the folds an uninterrupted run would have trained.
+Per fold k: the pretrained backbone (restored, not reloaded: see below) and a fresh head, trained
+on the other folds' rows for `text.epochs` (the first `frozen_epochs` with the backbone frozen;
+Huber, then SMAPE for the last `smape_epochs`), validated on fold k every epoch (the learning
+curve); the last epoch's weights give fold k's out-of-fold predictions and pooled vectors. Each
+row's OOF output therefore comes from the one model that never saw it. Every fold is seeded from
+(text.seed, fold) alone, so a resumed run reproduces the folds an uninterrupted run would have
+trained.
+
+The backbone is loaded once per process (a GGUF decoder dequantises every tensor in numpy on each
+load): every model restores its pristine trainable state from a CPU copy taken at load (an
+encoder's weights) and redraws its random part from the model's seed (LoRA adapters), so fold k
+trained after other folds equals fold k trained alone. The test predictions and the reload check
+(pricefuse.models.text.member) reuse it too.
+
+Precision follows the device (pricefuse.models.text.precision): `text.mixed_precision` is a
+preference, bf16 autocast only where the GPU has it natively, else fp16 with loss scaling; the
+run records what it got (`TextFit.precision`). The training loss is summed on the device and read
+every `text.log_every` optimizer steps (history `step_loss`, the progress bar), not per batch.
 
 Test rows (and serving) get either one model refit on every row (`text.refit: true`) or the mean
 of the fold models. Finished folds are checkpointed (pricefuse.models.text.checkpoints); a killed
@@ -35,6 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pricefuse.core.config import TextConfig
+from pricefuse.core.device import resolve_device
 from pricefuse.core.errors import StageError
 from pricefuse.core.metrics import smape_from_log
 from pricefuse.models.text import checkpoints as ckpt
@@ -47,6 +60,7 @@ from pricefuse.models.text.data import (
     pad_id,
     tokenize,
 )
+from pricefuse.models.text.precision import PREFERENCES, Precision, device_precision
 from pricefuse.models.text.regressor import (
     RowOutputs,
     TargetScale,
@@ -58,12 +72,15 @@ from pricefuse.models.text.regressor import (
 )
 from pricefuse.models.text.schedules import epoch_loss_name, make_loss, make_scheduler
 
-MIXED_PRECISION = ("no", "bf16", "fp16")
+# text.mixed_precision is a preference (pricefuse.models.text.precision)
+MIXED_PRECISION = PREFERENCES
 
 
 def make_accelerator(cfg: TextConfig) -> Any:
-    """The Accelerator for `cfg`: mixed precision on CUDA only (CPU trains in fp32), gradient
-    accumulation, and DDP told that frozen epochs leave the backbone without gradients."""
+    """The Accelerator for `cfg`: on `text.device` (auto: the GPU when torch sees one; cpu
+    forces the CPU), mixed precision on CUDA only, as the device does it natively
+    (`choose_precision`: bf16 on Ampere+, else fp16 with loss scaling; CPU trains in fp32),
+    gradient accumulation, and DDP told that frozen epochs leave the backbone without gradients."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -72,9 +89,10 @@ def make_accelerator(cfg: TextConfig) -> Any:
             f"text.mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
             f"got {cfg.mixed_precision!r}"
         )
-    cuda = torch.cuda.is_available()
+    cuda = resolve_device(cfg.device, "text.device") == "cuda"
+    precision = device_precision(cfg.mixed_precision, "cuda" if cuda else "cpu")
     return Accelerator(
-        mixed_precision=cfg.mixed_precision if cuda else "no",
+        mixed_precision=precision.mixed,
         gradient_accumulation_steps=max(1, cfg.grad_accum),
         cpu=not cuda,
         kwargs_handlers=[
@@ -133,10 +151,17 @@ class TextFit:
     serving_files: list[Path]
     resumed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    precision: str = "fp32"  # what the run trained in (Precision.label): fp32, bf16, fp16+scaler
+    backbone: TextBackbone | None = field(default=None, repr=False)  # the one the run used
 
 
 class TextTrainer:
-    """Trains the fold models (and the refit) of one run; see the module docstring."""
+    """Trains the fold models (and the refit) of one run; see the module docstring.
+
+    The backbone is loaded once (`backbone`, or `load_backbone` here) and shared by every model
+    of the run: each model starts from the pristine trainable state (a CPU copy taken at load),
+    its random part (LoRA adapters) redrawn from the model's seed, so a fold trained after
+    another equals that fold trained alone. `loads` counts the backbone loads (one)."""
 
     def __init__(
         self,
@@ -148,25 +173,38 @@ class TextTrainer:
         folds: np.ndarray,
         train_ids: pd.Series,
         progress: bool = False,
+        *,
+        backbone: TextBackbone | None = None,
     ) -> None:
         self.cfg = cfg
         self.acc = accelerator
+        self.precision = Precision.of(str(accelerator.mixed_precision))
         self.model_dir = Path(model_dir)
         self.y = np.asarray(y_log, dtype=np.float64)
         self.folds = np.asarray(folds, dtype=np.int64)
         self.progress = progress
         self.fingerprint = ckpt.fingerprint(cfg, train_ids, self.folds, self.y)
-        self._spare: TextBackbone | None = load_backbone(cfg)
-        self.tokenizer = self._spare.tokenizer
+        self.loads = 0
+        if backbone is None:
+            backbone = load_backbone(cfg, dtype=self.precision.param_dtype)
+            self.loads = 1
+        self.backbone: TextBackbone = backbone
+        self._pristine = backbone.trainable_state_dict()  # CPU copies, before any training
+        self.tokenizer = backbone.tokenizer
         self.pad = pad_id(self.tokenizer)
         self.ids = tokenize(self.tokenizer, train_texts, cfg.max_length)
+        self.optimizer_steps = 0  # over every model this trainer trained
 
     # --- backbones ------------------------------------------------------------------------------
 
-    def _fresh_backbone(self) -> TextBackbone:
-        """Pretrained weights, untouched (the first call takes the one loaded for the tokenizer)."""
-        backbone, self._spare = self._spare, None
-        return backbone if backbone is not None else load_backbone(self.cfg)
+    def _fresh_backbone(self, seed: int) -> TextBackbone:
+        """The shared backbone with the trainable state a freshly loaded one would start from
+        (pretrained weights; LoRA adapters drawn from `seed`), wherever it now lives."""
+        self.backbone.load_trainable_state_dict(self._pristine)
+        self.backbone.reinit_trainable(seed)
+        for parameter in self.backbone.module.parameters():
+            parameter.grad = None  # nothing of the previous model's last step carries over
+        return self.backbone
 
     def _loader(self, ids: Sequence[Sequence[int]], rows: np.ndarray, **kwargs: Any) -> Any:
         dataset = TokenRows(ids, rows, kwargs.pop("target", None))
@@ -204,7 +242,7 @@ class TextTrainer:
         cfg, acc = self.cfg, self.acc
         seed = model_seed(cfg.seed, name)
         set_seed(seed)
-        backbone = self._fresh_backbone()
+        backbone = self._fresh_backbone(seed)
         regressor = build_regressor(backbone, cfg.head_dropout)
         scale = TargetScale.fit(self.y[fit_rows])
         optimizer = torch.optim.AdamW(param_groups(regressor, cfg))
@@ -224,7 +262,7 @@ class TextTrainer:
             cfg.warmup_fraction,
             steps_per_epoch,
         )
-        history: dict[str, list[float]] = {"train_loss": [], "lr": []}
+        history: dict[str, list[float]] = {"train_loss": [], "lr": [], "step_loss": []}
         if len(val_rows):
             history["val_smape"] = []
         outputs = RowOutputs(val_rows, np.zeros(0), None)
@@ -234,7 +272,9 @@ class TextTrainer:
             loss_name = epoch_loss_name(epoch, cfg.epochs, cfg.smape_epochs)
             loss_fn = make_loss(loss_name, scale, cfg.huber_delta)
             desc = f"epoch {epoch + 1}/{cfg.epochs} ({loss_name})"
-            loss = self._train_epoch(model, optimizer, scheduler, loader, loss_fn, desc)
+            loss = self._train_epoch(
+                model, optimizer, scheduler, loader, loss_fn, desc, history["step_loss"]
+            )
             history["train_loss"].append(loss)
             history["lr"].append(float(scheduler.get_last_lr()[0]))
             set_frozen(backbone, regressor, False)
@@ -267,7 +307,8 @@ class TextTrainer:
         if acc.is_main_process:
             ckpt.save_atomic(path, payload)
         acc.wait_for_everyone()
-        acc.free_memory()
+        del model, optimizer, loader, scheduler
+        acc.free_memory()  # drops accelerate's references (DDP wrapper, optimizer state)
         return self._outcome(name, path, payload, resumed=False)
 
     def _bar_off(self) -> bool | None:
@@ -276,12 +317,27 @@ class TextTrainer:
         return None if self.progress and self.acc.is_main_process else True
 
     def _train_epoch(
-        self, model: Any, optimizer: Any, scheduler: Any, loader: Any, loss_fn: Any, desc: str
+        self,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        loader: Any,
+        loss_fn: Any,
+        desc: str,
+        step_loss: list[float] | None = None,
     ) -> float:
         """One pass over the (sharded) batches; returns the mean training loss over every
-        process's rows."""
+        process's rows.
+
+        The loss is summed on the device: nothing waits for the GPU per micro-batch. Every
+        `text.log_every` optimizer steps the window's mean loss (over every process) is read
+        once, appended to `step_loss` and shown on the progress bar; a window left at the
+        epoch's end counts in the epoch's mean only."""
         acc, cfg = self.acc, self.cfg
-        totals = torch.zeros(2, device=acc.device)
+        every = max(1, cfg.log_every)
+        device = acc.device
+        epoch_sum, epoch_rows = torch.zeros((), device=device), 0
+        window_sum, window_rows, window_steps = torch.zeros((), device=device), 0, 0
         model.train()
         bar = tqdm(loader, desc=desc, leave=False, disable=self._bar_off())
         for batch in bar:
@@ -293,13 +349,32 @@ class TextTrainer:
                     acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                if acc.sync_gradients:
+                stepped = acc.sync_gradients
+                # fp16: the scaler skips steps whose gradients overflowed; so does the schedule
+                if stepped and not getattr(optimizer, "step_was_skipped", False):
                     scheduler.step()
-            rows = float(len(batch["target"]))
-            totals += torch.tensor([loss.detach().float().item() * rows, rows], device=acc.device)
-            bar.set_postfix(loss=f"{(totals[0] / totals[1].clamp(min=1)).item():.4f}")
-        totals = acc.reduce(totals, reduction="sum")
-        return float(totals[0] / totals[1].clamp(min=1))
+            rows = len(batch["target"])  # a shape, not a value: no device sync
+            weighted = loss.detach().float() * rows
+            epoch_sum += weighted
+            window_sum += weighted
+            epoch_rows += rows
+            window_rows += rows
+            if stepped:
+                self.optimizer_steps += 1
+                window_steps += 1
+                if window_steps == every:
+                    mean = self._reduced_mean(window_sum, window_rows)  # the one sync per window
+                    if step_loss is not None:
+                        step_loss.append(mean)
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    window_sum, window_rows, window_steps = torch.zeros((), device=device), 0, 0
+        return self._reduced_mean(epoch_sum, epoch_rows)
+
+    def _reduced_mean(self, total: torch.Tensor, rows: int) -> float:
+        """Sum of `total` over the processes divided by the sum of `rows`."""
+        both = torch.stack([total.float(), torch.tensor(float(rows), device=total.device)])
+        both = self.acc.reduce(both, reduction="sum")
+        return float(both[0] / both[1].clamp(min=1))
 
     def _outcome(self, name: str, path: Path, payload: dict, resumed: bool) -> ModelOutcome:
         pooled = payload.get("pooled")
@@ -332,11 +407,14 @@ class TextTrainer:
     def predict_with(
         self, paths: Sequence[Path], texts: Sequence[str], pooled: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Mean log1p prediction (and mean pooled vector) of the checkpointed models on `texts`."""
+        """Mean log1p prediction (and mean pooled vector) of the checkpointed models on `texts`.
+
+        The path `TextPredictor` takes too (same batches, longest rows first): the reload check
+        re-predicts the first batch through it and must find what this computed."""
         ids = tokenize(self.tokenizer, texts, self.cfg.max_length)
         rows = np.arange(len(ids))
         preds, vectors = [], []
-        backbone = self._fresh_backbone()
+        backbone = self.backbone
         for path in paths:
             payload = ckpt.load(path, self.fingerprint, weights=True)
             if payload is None:
@@ -364,9 +442,14 @@ def train_text_kfold(
     accelerator: Any,
     progress: bool = False,
     on_model_done: Callable[[str], None] | None = None,
+    *,
+    backbone: TextBackbone | None = None,
 ) -> TextFit:
     """K fold models (resumed where checkpointed), the refit when `cfg.refit`, OOF predictions
-    and the test predictions of the serving models."""
+    and the test predictions of the serving models.
+
+    `backbone`: one already loaded (for `text.model` at the accelerator's precision) to train
+    on instead of loading it; the fit returns the one it used (`TextFit.backbone`)."""
     started = time.perf_counter()
     folds = np.asarray(folds, dtype=np.int64)
     fold_ids = sorted(set(folds.tolist()))
@@ -379,7 +462,15 @@ def train_text_kfold(
         )
     Path(model_dir).mkdir(parents=True, exist_ok=True)
     trainer = TextTrainer(
-        cfg, accelerator, model_dir, train_texts, y_log, folds, train_ids, progress
+        cfg,
+        accelerator,
+        model_dir,
+        train_texts,
+        y_log,
+        folds,
+        train_ids,
+        progress,
+        backbone=backbone,
     )
     y = trainer.y
     outcomes: list[ModelOutcome] = []
@@ -428,4 +519,68 @@ def train_text_kfold(
         serving_files=serving,
         resumed=[o.name for o in outcomes if o.resumed],
         seconds=time.perf_counter() - started,
+        precision=trainer.precision.label,
+        backbone=trainer.backbone,
     )
+
+
+@dataclass
+class FoldTiming:
+    """What `time_fold` measured: one fold model trained from an already loaded backbone."""
+
+    name: str
+    precision: str  # fp32 | bf16 | fp16+scaler
+    device: str
+    load_seconds: float  # loading the backbone (once per process)
+    train_seconds: float  # training + validating + checkpointing the fold
+    optimizer_steps: int
+    rows_seen: int  # training rows x epochs
+    history: dict[str, list[float]]
+    pred: np.ndarray  # log1p predictions on the fold's held-out rows
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows_seen / max(self.train_seconds, 1e-9)
+
+
+def time_fold(
+    cfg: TextConfig,
+    train_texts: Sequence[str],
+    y_log: np.ndarray,
+    folds: np.ndarray,
+    model_dir: Path,
+    accelerator: Any,
+    fold: int = 0,
+    *,
+    backbone: TextBackbone | None = None,
+) -> FoldTiming:
+    """Train fold `fold` once, timed (for benchmarks, e.g. a GPU check with a tiny config): the
+    same code path as `train_text_kfold`, without resuming and without the other folds."""
+    started = time.perf_counter()
+    ids = pd.Series(np.arange(len(train_texts)))
+    trainer = TextTrainer(
+        cfg, accelerator, model_dir, train_texts, y_log, folds, ids, backbone=backbone
+    )
+    _synchronize(accelerator)
+    loaded = time.perf_counter()
+    folds = trainer.folds
+    fit_rows, held = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    outcome = trainer.train_model(f"fold_{fold}", fit_rows, held)
+    _synchronize(accelerator)
+    done = time.perf_counter()
+    return FoldTiming(
+        name=outcome.name,
+        precision=trainer.precision.label,
+        device=str(accelerator.device),
+        load_seconds=loaded - started,
+        train_seconds=done - loaded,
+        optimizer_steps=trainer.optimizer_steps,
+        rows_seen=len(fit_rows) * cfg.epochs,
+        history=outcome.history,
+        pred=outcome.pred,
+    )
+
+
+def _synchronize(accelerator: Any) -> None:
+    if getattr(accelerator.device, "type", "cpu") == "cuda":
+        torch.cuda.synchronize(accelerator.device)
