@@ -83,7 +83,7 @@ lock-gpu:  ## re-resolve requirements-gpu.lock from requirements.lock (PyPI's CU
 serve: setup  ## serve the registered ensemble on port 5001 (current environment)
 	$(RUN) mlflow models serve -m models:/price-ensemble@champion --env-manager local -p 5001
 
-# The team's shared tracking server (README "Working as a team"): schema upgrade, then
+# The team's shared tracking server (docs/team.md): schema upgrade, then
 # `mlflow server` on the database, serving artifacts from ARTIFACTS (a directory or s3://...).
 TRACKING_DB ?= $(MLFLOW_BACKEND_STORE_URI)
 ARTIFACTS ?= mlartifacts

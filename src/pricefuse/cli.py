@@ -357,7 +357,7 @@ def tracking_server(
 ) -> None:
     """Upgrade the tracking database's schema, then run the team's MLflow tracking server.
 
-    Teammates then set MLFLOW_TRACKING_URI=http://<host>:<port> (README "Working as a team").
+    Teammates then set MLFLOW_TRACKING_URI=http://<host>:<port> (docs/team.md).
     """
     import subprocess
 

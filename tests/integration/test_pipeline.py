@@ -166,7 +166,7 @@ def test_a_booster_edit_leaves_the_embedding_and_the_other_members_up_to_date(pr
     assert _stale_stages(project) == []  # the edit undone: nothing to re-run
 
 
-# the README's command: the version holding the alias. After the first repro that is version 1,
+# the README's serve command: the version holding the alias. After the first repro: version 1,
 # the ensemble that wrote the first submission (test_dvc_repro_runs_every_stage checks it)
 SERVED_MODEL = "models:/price-ensemble@champion"
 

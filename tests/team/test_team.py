@@ -90,7 +90,7 @@ def _meta_run_id(root: Path, out_dir: str) -> str:
 def test_clone_a_runs_against_the_server_and_pushes(team: Team):
     root = copy_project(team.clone_a, TEAM)
     shutil.copy2(REPO_ROOT / ".dvc" / "config", root / ".dvc" / "config")  # the shipped remote
-    # The one line a team changes (README "Working as a team"); here a local directory.
+    # The one line a team changes (docs/team.md); here a local directory.
     run_cmd(["dvc", "remote", "modify", "team", "url", str(team.remote)], root)
     run_cmd(["pricefuse", "demo-data"], root)
     run_cmd(["dvc", "add", "data/raw/demo"], root)  # raw data reaches teammates by the remote

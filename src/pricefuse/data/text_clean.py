@@ -1,7 +1,7 @@
 """Text cleaning options for the parsed catalog fields (SPAM_LLMs' preprocessing), as params.
 
 Three options, each a `preprocess` param; only `numbers_as_words` is on by default, the one
-that measured better on the real rows (figures in the README, from `benchmarks/text_cleaning.py`
+that measured better on the real rows (docs/results.md, from `benchmarks/text_cleaning.py`
 and an A/B of the whole pipeline). The boosters' name features (pricefuse.features.tabular: how
 many numbers the name holds, the largest, its length, keywords) read the name as written
 (column NAME_AS_WRITTEN, added when an option is on), so the options change what the text

@@ -87,7 +87,7 @@ def unreachable_message(stage: str, uri: str, reason: str) -> str:
     return (
         f"the MLflow tracking {store} (tracking URI {uri}) could not be reached while {stage} "
         f"ran: {reason}. The stage's outputs are not recorded, so DVC runs it again: start the "
-        "tracking server again (README 'Working as a team') or point MLFLOW_TRACKING_URI at a "
+        "tracking server again (docs/team.md) or point MLFLOW_TRACKING_URI at a "
         "running one, then re-run (`dvc repro`)."
     )
 

@@ -88,7 +88,7 @@ def disabled_text_member(layout: Layout) -> StageRecord:
     embeddings = _clear_embeddings(layout)
     return StageRecord(
         summary="text member disabled: add `text` to ensemble.members to fine-tune it "
-        "(README: The text member)",
+        "(docs/models.md, the text member)",
         meta={out_dir: {"enabled": False}, embeddings: {"exported": False}},
     )
 

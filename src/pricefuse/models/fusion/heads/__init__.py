@@ -1,4 +1,4 @@
-"""The fusion heads, one module each, chosen by `fusion.arch` (README "Fusion heads").
+"""The fusion heads, one module each, chosen by `fusion.arch` (docs/models.md, fusion heads).
 
 Every head shares the inputs (pricefuse.models.fusion.inputs), the training loop
 (pricefuse.models.fusion.training), persistence (pricefuse.models.fusion.predictor) and, from
