@@ -300,3 +300,23 @@ def copy_project(root: Path, overrides: dict) -> Path:
     run_cmd(["git", "add", "-A"], root)
     run_cmd(["git", "commit", "-qm", "project copy"], root)
     return root
+
+
+# Name prefixes (PEP 503 form) of the lock's development, notebook, pipeline and big opt-in model
+# packages: the served model's environment carries none of them (tests of its requirements).
+DEVELOPMENT_DISTRIBUTIONS = (
+    "pytest",
+    "pre-commit",
+    "nbstripout",
+    "hypothesis",
+    "ruff",
+    "ipykernel",
+    "ipython",
+    "jupyter",
+    "nbclient",
+    "nbformat",
+    "dvc",
+    "psycopg",
+    "gemma",
+    "gguf",
+)

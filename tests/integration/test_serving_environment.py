@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.support import model_server, run_cmd
+from tests.support import DEVELOPMENT_DISTRIBUTIONS, model_server, run_cmd
 
 pytestmark = pytest.mark.integration
 
@@ -47,22 +47,7 @@ TINY = {
     "mlflow": {"promotion_tolerance": 200.0},
 }
 # Distributions (PEP 503 name prefixes) of the lock that the served model must not carry.
-DEVELOPMENT = (
-    "pytest",
-    "pre-commit",
-    "nbstripout",
-    "hypothesis",
-    "ruff",
-    "ipykernel",
-    "ipython",
-    "jupyter",
-    "nbclient",
-    "nbformat",
-    "dvc",
-    "psycopg",
-    "gemma",
-    "gguf",
-)
+DEVELOPMENT = DEVELOPMENT_DISTRIBUTIONS
 BUILD_TIMEOUT = 900  # a first build on a 2-core machine; a cached one takes seconds
 
 

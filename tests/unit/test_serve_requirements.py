@@ -16,7 +16,7 @@ from pricefuse.serving.model import (
     serving_constraints,
     serving_requirements,
 )
-from tests.support import project_params
+from tests.support import DEVELOPMENT_DISTRIBUTIONS, project_params
 from tools import serve_requirements as sr
 from tools.stage_deps import closure, discover
 
@@ -27,24 +27,7 @@ SERVING_ROOT = "pricefuse.serving.entry"  # what MLflow runs to load price-ensem
 
 # Name prefixes (PEP 503 form) of the lock's development, notebook, pipeline and opt-in model
 # packages: none belongs in the served model's environment, listed or pulled in.
-NOT_FOR_SERVING = (
-    "pytest",
-    "pre-commit",
-    "nbstripout",
-    "hypothesis",
-    "ruff",
-    "ipykernel",
-    "ipython",
-    "jupyter",
-    "nbclient",
-    "nbformat",
-    "dvc",
-    "psycopg",
-    "gemma",
-    "gguf",
-    "peft",
-    "accelerate",
-)
+NOT_FOR_SERVING = (*DEVELOPMENT_DISTRIBUTIONS, "peft", "accelerate")
 # Imported by the serving code's modules but never when serving, so not required by it:
 # name -> why. (Each must still be imported somewhere in the closure: see the test.)
 IMPORTED_NOT_SERVED = {
