@@ -224,3 +224,20 @@ def test_not_comparable_unless_forced_and_no_champion_means_first():
     assert forced.outcome == "forced" and forced.champion_after == "2"
     first = decide("m", ALIAS, "1", None, Comparison(5, 3.0, None, "oof"), 0.0, False)
     assert first.outcome == "first champion" and first.champion_after == "1"
+
+
+def test_autolog_flavor_modules_are_imported_before_evaluate_takes_its_lock() -> None:
+    """The gate imports, outside MLflow's import-hook lock, every `mlflow.<flavor>` module that
+    evaluate's hooks would import under it (libraries already loaded), and no other: a fresh
+    process with sklearn loaded and transformers not."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, sklearn\n"
+        "from pricefuse.recording.registry import import_autolog_flavors\n"
+        "flavors = import_autolog_flavors()\n"
+        "assert 'sklearn' in flavors and 'mlflow.sklearn' in sys.modules, flavors\n"
+        "assert 'transformers' not in flavors and 'mlflow.transformers' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -263,11 +263,39 @@ def smape_metric() -> Any:
     return make_metric(eval_fn=smape_fn, greater_is_better=False, name="smape")
 
 
+def import_autolog_flavors() -> list[str]:
+    """Import `mlflow.<flavor>` for every autologging flavor whose library this process has
+    loaded, before `mlflow.models.evaluate` would; returns the flavors imported.
+
+    Why: evaluate registers its autolog hooks while holding MLflow's import-hook lock, and a hook
+    for an already loaded library (torch, transformers, sklearn, ...) imports its mlflow flavor
+    module right there. The system-metrics thread of an active run imports too, through the same
+    lock, so the two threads can each hold what the other waits for: the ensemble stage of a CI
+    run hung there for good. Imported first, outside the lock, those modules are found in
+    sys.modules and no thread waits on another."""
+    import importlib
+    import sys
+
+    from mlflow.ml_package_versions import FLAVOR_TO_MODULE_NAME
+    from mlflow.utils.autologging_utils import is_autolog_supported
+
+    imported = []
+    for flavor, module in FLAVOR_TO_MODULE_NAME.items():
+        if module in sys.modules and is_autolog_supported(flavor):
+            try:
+                importlib.import_module(f"mlflow.{flavor}")
+            except Exception:  # a flavor that cannot import here is skipped by evaluate too
+                continue
+            imported.append(flavor)
+    return imported
+
+
 def _evaluated(registered: str, version: str, basis: str, **evaluate_args: Any) -> float:
     """`mlflow.models.evaluate` in a run of its own (nested in the active one, if any), so each
     version's figures stay apart; returns the SMAPE."""
     import mlflow
 
+    import_autolog_flavors()
     with mlflow.start_run(run_name=f"promotion: {registered} v{version}", nested=True):
         mlflow.set_tags({TAG_PREFIX + "version": version, TAG_PREFIX + "basis": basis})
         result = mlflow.models.evaluate(
