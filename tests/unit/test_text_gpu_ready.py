@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,37 +32,20 @@ from pricefuse.models.text.precision import (
     reload_tolerance,
 )
 from pricefuse.models.text.training import TextTrainer, make_accelerator, time_fold
-from tests.support import project_params, text_rows, tiny_encoder
+from tests.support import project_params, text_rows
+from tests.unit import test_text_member as member
 
 FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 
 
-@pytest.fixture(autouse=True)
-def two_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny_ref(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return tiny_encoder(tmp_path_factory.mktemp("tiny-bert"))
+# test_text_member's fixtures: the tiny encoder (built once per module) and two torch threads.
+tiny_ref = member.tiny_ref
+two_threads = member.two_threads
 
 
 def tiny_cfg(ref: str, **changes) -> TextConfig:
-    base = dataclasses.replace(
-        project_params().text,
-        model=ref,
-        max_length=24,
-        batch_size=4,
-        epochs=2,
-        smape_epochs=1,
-        encoder_lr=1e-3,
-        head_lr=1e-2,
-        refit=False,
-    )
-    return dataclasses.replace(base, **changes)
+    """test_text_member's tiny config, in batches of 4 (more optimizer steps per epoch)."""
+    return member.tiny_cfg(ref, **{"batch_size": 4, **changes})
 
 
 # --- precision from what the device does natively ------------------------------------------
