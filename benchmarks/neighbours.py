@@ -11,7 +11,12 @@ spaces together:
         folds (TF-IDF vocabularies included) and queried with the held-out fold;
   test  `NeighbourIndex.fit(cfg, train, log_prices)` + `.features(test)`: every test row against
         every train row ("fit s" is the fit part of it).
-Peak RSS is the process's high-water mark (resource.getrusage) after each run, so it only grows.
+The search uses `neighbours.n_jobs` cores (params.yaml; --n-jobs overrides it): worker processes
+for the TF-IDF spaces, faiss threads for the embeddings. "CPU s" counts this process and its
+workers. Peak RSS is the process's high-water mark (resource.getrusage) after each run, so it only
+grows; "all RSS" and "all PSS" are the peaks, within each run, of the sums over this process and
+its worker processes (sampled every 0.1 s from /proc: RSS counts the pages the forked workers
+share with this process once per process, PSS splits them, so the true total lies between).
 
 The rows are synthetic, built in well under a minute and not part of any figure (the demo
 generator renders an image per row, too slow at this size): product families (brand + name words,
@@ -37,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,7 +54,7 @@ import pandas as pd
 
 from pricefuse.core.config import NeighboursConfig, load_params
 from pricefuse.models.neighbours.predictor import NeighbourIndex
-from pricefuse.models.neighbours.search import SPACES, NeighbourRows
+from pricefuse.models.neighbours.search import SPACES, NeighbourRows, resolve_n_jobs
 from pricefuse.models.neighbours.training import oof_features
 
 T = TypeVar("T")
@@ -89,8 +95,10 @@ class Timing:
     test_shape: str
     test_s: float
     fit_s: float
-    cpu_s: float  # process CPU time of OOF + test, all threads: below wall x cores = waiting
+    cpu_s: float  # CPU time of OOF + test, all threads and workers: below wall x cores = waiting
     peak_gib: float
+    all_rss_gib: float
+    all_pss_gib: float
 
 
 def timed(fn: Callable[[], T]) -> tuple[T, float]:
@@ -101,6 +109,70 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished (waited-for) worker processes."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _kib(path: str, fields: tuple[str, ...]) -> dict[str, int]:
+    """The named `Field:   N kB` lines of a /proc file (zeros where it is gone or lacks them)."""
+    found = dict.fromkeys(fields, 0)
+    try:
+        with open(path) as handle:
+            for line in handle:
+                name, _, rest = line.partition(":")
+                if name in found:
+                    found[name] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+class TreeMemory:
+    """Peak RSS and PSS summed over this process and its child processes, sampled in a thread
+    (Linux /proc; elsewhere it reports zeros). `reset()` starts a new peak."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self.peak_rss = self.peak_pss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _children(self, pid: int) -> list[int]:
+        out = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4: ppid
+                    out.append(int(entry.name))
+        return out
+
+    def sample(self) -> None:
+        pid = os.getpid()
+        rss = pss = 0
+        for p in (pid, *self._children(pid)):
+            kib = _kib(f"/proc/{p}/smaps_rollup", ("Rss", "Pss"))
+            rss, pss = rss + kib["Rss"], pss + kib["Pss"]
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def reset(self) -> None:
+        self.peak_rss = self.peak_pss = 0
+        self.sample()
+
+    def peaks_gib(self) -> tuple[float, float]:
+        self.sample()
+        return self.peak_rss / 2**20, self.peak_pss / 2**20
 
 
 def pseudo_words(rng: np.random.Generator, n: int, capitalise: bool = False) -> np.ndarray:
@@ -201,9 +273,11 @@ def measure(
     test: NeighbourRows,
     values: np.ndarray,
     folds: np.ndarray,
+    memory: TreeMemory,
 ) -> Timing:
     """Time OOF features and test features (fit + query) for one config; print progress."""
-    start, cpu_start = time.perf_counter(), time.process_time()
+    memory.reset()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
 
     def fold_done(k: int) -> None:
         print(f"  {label}: fold {k} done at {time.perf_counter() - start:.1f} s", flush=True)
@@ -214,6 +288,7 @@ def measure(
     keys = max(participating(space, train) for space in cfg.spaces)
     queries = max(participating(space, test) for space in cfg.spaces)
     n_folds = len(np.unique(folds))
+    all_rss, all_pss = memory.peaks_gib()
     timing = Timing(
         space=label,
         oof_shape=shape(keys, keys * (n_folds - 1) / n_folds),
@@ -221,12 +296,15 @@ def measure(
         test_shape=shape(queries, keys),
         test_s=fit_s + query_s,
         fit_s=fit_s,
-        cpu_s=time.process_time() - cpu_start,
+        cpu_s=cpu_seconds() - cpu_start,
         peak_gib=peak_rss_gib(),
+        all_rss_gib=all_rss,
+        all_pss_gib=all_pss,
     )
     print(
         f"  {label}: OOF {oof_s:.1f} s, test {timing.test_s:.1f} s (fit {fit_s:.1f} s), "
-        f"CPU {timing.cpu_s:.1f} s, peak RSS {timing.peak_gib:.2f} GiB",
+        f"CPU {timing.cpu_s:.1f} s, peak RSS {timing.peak_gib:.2f} GiB "
+        f"(with workers: RSS {all_rss:.2f}, PSS {all_pss:.2f} GiB)",
         flush=True,
     )
     return timing
@@ -248,6 +326,8 @@ COLUMNS: tuple[tuple[str, Callable[[Timing], str], bool], ...] = (
     ("of which fit s", lambda t: f"{t.fit_s:.1f}", False),
     ("CPU s", lambda t: f"{t.cpu_s:.1f}", False),
     ("peak RSS GiB", lambda t: f"{t.peak_gib:.2f}", False),
+    ("all RSS GiB", lambda t: f"{t.all_rss_gib:.2f}", False),
+    ("all PSS GiB", lambda t: f"{t.all_pss_gib:.2f}", False),
 )
 
 
@@ -271,6 +351,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--k", type=int, default=10, help="neighbours per row")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument(
+        "--n-jobs", type=int, default=None, help="cores (default neighbours.n_jobs; 0 = all)"
+    )
     add_results_option(parser, "neighbours")
     return parser.parse_args()
 
@@ -293,12 +376,21 @@ def main() -> None:
 
     params = load_params(ROOT / "params.yaml")
     cfg = replace(params.neighbours, spaces=tuple(args.spaces), k=args.k)
+    if args.n_jobs is not None:
+        cfg = replace(cfg, n_jobs=args.n_jobs)
+    print(
+        f"n_jobs {cfg.n_jobs}: {resolve_n_jobs(cfg.n_jobs)} of {os.cpu_count()} cores", flush=True
+    )
     warm_up(cfg, train, train_values)
+    memory = TreeMemory()
+    rss, pss = memory.peaks_gib()
+    print(f"before the runs (the synthetic rows): RSS {rss:.2f} GiB, PSS {pss:.2f} GiB", flush=True)
     configs = [(space, replace(cfg, spaces=(space,))) for space in cfg.spaces]
     if len(cfg.spaces) > 1:
         configs.append(("all together", cfg))
     timings = [
-        measure(label, space_cfg, train, test, train_values, folds) for label, space_cfg in configs
+        measure(label, space_cfg, train, test, train_values, folds, memory)
+        for label, space_cfg in configs
     ]
 
     print(f"\nneighbour features, {n_train:,} train × {n_test:,} test rows:")
@@ -310,7 +402,9 @@ def main() -> None:
         f"OOF {total.oof_s:.1f} s + test {total.test_s:.1f} s = "
         f"{total.oof_s + total.test_s:.1f} s "
         f"(sum of single-space runs {sum(t.oof_s + t.test_s for t in single):.1f} s); "
-        f"peak RSS {peak_rss_gib():.2f} GiB"
+        f"peak RSS {peak_rss_gib():.2f} GiB (with workers, within a run: RSS "
+        f"{max(t.all_rss_gib for t in timings):.2f}, "
+        f"PSS {max(t.all_pss_gib for t in timings):.2f} GiB)"
     )
     if args.results:
         title = (
@@ -320,7 +414,7 @@ def main() -> None:
         columns = [header for header, _, _ in COLUMNS]
         rows = [[cell(t) for _, cell, _ in COLUMNS] for t in timings]
         numeric = [[r[0], r[1], *map(float, r[2:3]), r[3], *map(float, r[4:])] for r in rows]
-        formats = [None, None, ".1f", None, ".1f", ".1f", ".1f", ".2f"]
+        formats = [None, None, ".1f", None, ".1f", ".1f", ".1f", ".2f", ".2f", ".2f"]
         write_results(args.results, [table(title, columns, numeric, formats=formats)])
 
 

@@ -22,6 +22,7 @@ PARAMS_YAML = REPO_ROOT / "params.yaml"
 
 PROJECT_FILES = (
     "dvc.yaml",
+    ".dvcignore",  # the image cache travels as shards: files/ stays out of DVC
     "params.yaml",
     "MLproject",
     "python_env.yaml",

@@ -19,6 +19,7 @@ from pricefuse.models.ensemble.ablation import (
     fusion_modality_table,
     member_table,
     run_ablation,
+    sample_rows,
 )
 from tests.support import project_params
 
@@ -85,3 +86,31 @@ def test_unknown_variants_and_members_are_stage_errors() -> None:
 
     with pytest.raises(StageError, match=r"ensemble\.members: .*nope"):
         ablation.run(project_params(ensemble={"members": ["fusion", "nope"]}))
+
+
+def test_max_rows_bounds_the_head_variants_but_not_the_member_rows() -> None:
+    """At scale the head variants train on a sample of `ablation.max_rows` rows (each keeping its
+    fold); the member table still reads every row, and a sample as large as the data is the data."""
+    train = synthetic(120, seed=3)
+    sample = sample_rows(train, 50, seed=0)
+    assert (
+        len(sample) == 50
+        and sample_rows(train, 0, 0) is train
+        and sample_rows(train, 120, 0) is train
+    )
+    rows = train.frame.reset_index().merge(sample.frame, on=list(sample.frame.columns))["index"]
+    assert len(rows) == 50 and rows.is_monotonic_increasing  # real rows, original order, folds kept
+    np.testing.assert_array_equal(sample.text, train.text[rows.to_numpy()])
+    with pytest.raises(StageError, match=r"ablation\.max_rows"):
+        sample_rows(train, -1, 0)
+
+    rng = np.random.default_rng(1)
+    oof = np.column_stack([train.target + rng.normal(0, s, len(train)) for s in (0.1, 0.5)])
+    cfg = dataclasses.replace(CFG, epochs=2)
+    bounded = run_ablation(cfg, 0, ["tabular"], train, oof, ["good", "noisy"], max_rows=50)
+    full = run_ablation(cfg, 0, ["tabular"], train, oof, ["good", "noisy"])
+    assert bounded.params["fusion_rows"] == 50 and full.params["fusion_rows"] == 120
+    assert "on 50 of 120 rows" in bounded.summary
+    members = [k for k in full.metrics if not k.startswith("fusion_head/")]
+    assert {k: bounded.metrics[k] for k in members} == {k: full.metrics[k] for k in members}
+    assert bounded.metrics["fusion_head/tabular_only"] != full.metrics["fusion_head/tabular_only"]

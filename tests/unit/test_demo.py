@@ -171,3 +171,43 @@ def test_regeneration_removes_stale_images(tmp_path: Path) -> None:
 def test_invalid_config_is_rejected(bad: DemoConfig, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="demo"):
         generate_demo(bad, seed=0, out_dir=tmp_path)
+
+
+def test_long_text_is_competition_like_and_keeps_every_parsed_field(tmp_path: Path) -> None:
+    """`long_text` (the scale benchmark's rows): median ~630 characters and a large vocabulary,
+    while prices, links and what the parser reads (name, value, unit) stay as without it."""
+    cfg = demo_config(n_train=800, n_test=200, image_size=40)
+    generate_demo(cfg, seed=3, out_dir=tmp_path / "short")
+    generate_demo(replace(cfg, long_text=True), seed=3, out_dir=tmp_path / "long")
+    short = pd.read_csv(tmp_path / "short" / "train.csv", keep_default_na=False)
+    long = pd.read_csv(tmp_path / "long" / "train.csv", keep_default_na=False)
+    lengths = long["catalog_content"].str.len()
+    assert 500 <= lengths.median() <= 750
+    assert lengths.quantile(0.9) > 1.4 * lengths.median()  # a long tail, as in the real rows
+    vocabulary = {w for text in long["catalog_content"] for w in text.lower().split()}
+    assert len(vocabulary) > 5_000
+    assert short["catalog_content"].str.len().median() < 350
+    assert short["price"].tolist() == long["price"].tolist()
+    parsed_short, parsed_long = parse_frame(short)[0], parse_frame(long)[0]
+    for column in ("item_name", "value", "unit", "pack"):
+        assert parsed_short[column].equals(parsed_long[column]), column
+
+
+@pytest.mark.parametrize("share", [0.1, 0.5])
+def test_image_share_keeps_that_share_of_links_and_renders_only_theirs(
+    share: float, tmp_path: Path
+) -> None:
+    cfg = demo_config(n_train=1500, n_test=500, image_size=32, missing_image_rate=0.0)
+    generate_demo(replace(cfg, image_share=share), seed=4, out_dir=tmp_path)
+    rows = pd.concat(
+        [pd.read_csv(tmp_path / f"{s}.csv", keep_default_na=False) for s in ("train", "test")]
+    )
+    linked = rows["image_link"] != ""
+    assert abs(linked.mean() - share) < 0.03
+    rendered = {p.name for p in (tmp_path / "images").glob("*.jpg")}
+    assert rendered <= {Path(link).name for link in rows.loc[linked, "image_link"]}
+
+
+def test_image_share_must_be_a_fraction(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="image_share"):
+        generate_demo(demo_config(image_share=0.0), seed=0, out_dir=tmp_path)

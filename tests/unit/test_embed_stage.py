@@ -163,7 +163,7 @@ class _FakeImage:
 
     def encode_paths(self, paths: list[str], progress: bool = False):
         mask = np.array([bool(p) and Path(p).is_file() for p in paths], dtype=bool)
-        return np.where(mask[:, None], 1.0, 0.0).astype(np.float32).reshape(-1, 2), mask
+        return np.repeat(mask[:, None], 2, axis=1).astype(np.float32), mask
 
 
 def test_core_returns_the_record_without_mlflow(
@@ -173,7 +173,8 @@ def test_core_returns_the_record_without_mlflow(
     layout = Layout(_params().data)
     _write_parsed(layout)
     tables = load_embed_inputs(layout)
-    result = embed_tables(tables, Encoders(_FakeText(), _FakeImage(), threads=1), layout)
+    encoders = Encoders(_FakeText(), _FakeImage(), threads=1)
+    result = embed_tables(tables, encoders, layout, _params().embed)
 
     assert np.load(layout.image_mask("train")).tolist() == [True, False, False, False]
     assert np.load(layout.text_embeddings("test")).shape == (2, 3)
@@ -181,6 +182,8 @@ def test_core_returns_the_record_without_mlflow(
     assert result.metrics["image_coverage_train"] == pytest.approx(0.25)
     assert result.metrics["images_failed_train"] == 1.0
     assert result.metrics["texts_per_s"] > 0 and "images_per_s" in result.metrics
+    assert result.metrics["chunks_computed"] == 2 and result.metrics["chunks_reused"] == 0
+    assert not layout.checkpoints_dir.exists()  # removed once every split is written
     assert result.tags == {"text_model": "fake:text", "image_model": "fake:image"}
     assert result.params == {"text_dim": 3, "image_dim": 2, "torch_threads": 1}
     assert result.meta[layout.features_dir] == {
@@ -203,7 +206,8 @@ def test_core_with_one_joint_model_for_both_refs(project: Path, tiny_clip_dir: s
     params = _params(text_model=tiny_clip_dir, image_model=tiny_clip_dir, image_size=32)
     layout = Layout(params.data)
     _write_parsed(layout)
-    result = embed_tables(load_embed_inputs(layout), load_encoders(params.embed), layout)
+    encoders = load_encoders(params.embed)
+    result = embed_tables(load_embed_inputs(layout), encoders, layout, params.embed)
 
     text = np.load(layout.text_embeddings("train"))
     image = np.load(layout.image_embeddings("train"))

@@ -9,13 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pricefuse.models.neighbours import search
 from pricefuse.models.neighbours.predictor import NeighbourIndex, knn_estimate
 from pricefuse.models.neighbours.search import (
     NeighbourRows,
     feature_names,
     neighbour_stats,
+    resolve_n_jobs,
     search_dense,
     search_sparse,
+    sparse_index,
 )
 from pricefuse.models.neighbours.training import oof_features
 from tests.support import project_params
@@ -138,6 +141,24 @@ def test_index_save_load_gives_identical_features_without_pickle(tmp_path: Path)
     np.testing.assert_allclose(after.to_numpy(), before.to_numpy(), rtol=1e-6)
 
 
+def test_an_index_saved_before_n_jobs_existed_still_loads(tmp_path: Path) -> None:
+    """n_jobs changes the speed, not the features: a manifest without it loads (every core)."""
+    import json
+
+    data, y, _ = rows(150)
+    query, _, _ = rows(40, seed=1)
+    index = NeighbourIndex.fit(replace(CFG, n_jobs=1), data, y)
+    manifest = index.save(tmp_path)
+    raw = json.loads(manifest.read_text())
+    del raw["config"]["n_jobs"]
+    manifest.write_text(json.dumps(raw))
+    loaded = NeighbourIndex.load(tmp_path)
+    assert loaded.cfg.n_jobs == 0
+    np.testing.assert_array_equal(
+        loaded.features(query).to_numpy(), index.features(query).to_numpy()
+    )
+
+
 def test_a_kept_search_index_answers_as_a_fresh_search() -> None:
     """The served model keeps each space's search index across requests (no rebuild per
     request); a second query, and one with another k, must equal a search built from scratch."""
@@ -159,3 +180,64 @@ def test_a_kept_search_index_answers_as_a_fresh_search() -> None:
     features = index.features(query)
     rebuilt = NeighbourIndex.fit(CFG, data, y).features(query)
     np.testing.assert_array_equal(features.to_numpy(), rebuilt.to_numpy())
+
+
+def sparse_rows(n: int, rng: np.random.Generator) -> object:
+    """TF-IDF-like rows over 300 terms with many exact ties: few terms a row, weights from
+    {0.5, 1, 2}, every 7th row empty (no term at all) and every 5th a duplicate of another."""
+    from scipy import sparse
+
+    dense = np.zeros((n, 300), dtype=np.float32)
+    for i in range(n):
+        terms = rng.choice(300, size=rng.integers(1, 6), replace=False)
+        dense[i, terms] = rng.choice([0.5, 1.0, 2.0], size=len(terms))
+    dense[::7] = 0.0
+    dense[::5] = dense[rng.integers(0, n, size=len(dense[::5]))]
+    return sparse.csr_matrix(dense)
+
+
+def test_parallel_sparse_search_equals_scikit_learns_brute_force(monkeypatch) -> None:
+    """The parallel search returns scikit-learn's neighbours and similarities exactly, ties among
+    duplicates and empty rows included, however the queries are split into blocks."""
+    from scipy import sparse
+    from sklearn.neighbors import NearestNeighbors
+
+    rng = np.random.default_rng(7)
+    keys, queries = sparse_rows(3000, rng), sparse_rows(2000, rng)
+    queries = sparse.vstack([queries, keys[:50]]).tocsr()  # queries equal to keys
+    k = 10
+    distance, expected = (
+        NearestNeighbors(n_neighbors=k, metric="cosine", algorithm="brute")
+        .fit(keys)
+        .kneighbors(queries)
+    )
+    pools = []
+
+    class CountingPool(search.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs) -> None:
+            pools.append(args[0] if args else kwargs["max_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(search, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(search, "PARALLEL_MIN_PAIRS", 0)
+    monkeypatch.setattr(search, "SEARCH_BLOCK_BYTES", 3000 * 12 * 97)  # 97 queries a block
+    index = sparse_index(keys)
+    for n_jobs in (1, 3):
+        sims, idx = search_sparse(queries, keys, k, index, n_jobs=n_jobs)
+        np.testing.assert_array_equal(idx, expected)
+        np.testing.assert_array_equal(sims, 1.0 - distance)
+    assert pools == [3]  # n_jobs=3 did run in worker processes
+    # the ties are real: duplicated keys and empty rows give equal similarities within a row
+    assert (np.diff(sims, axis=1) == 0).any()
+    empty = np.flatnonzero(queries.getnnz(axis=1) == 0)
+    assert len(empty) and (sims[empty] == 0).all()
+
+
+def test_n_jobs_zero_or_minus_one_is_every_core() -> None:
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_n_jobs(0) == resolve_n_jobs(-1) == cores
+    assert resolve_n_jobs(3) == 3
+    with pytest.raises(ValueError, match="n_jobs"):
+        resolve_n_jobs(-2)

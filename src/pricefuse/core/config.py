@@ -49,6 +49,7 @@ class DataConfig:
     neighbours_dir: str
     models_dir: str
     submission_csv: str
+    checkpoints_dir: str
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class DemoConfig:
     broken_link_rate: float
     corrupt_image_rate: float
     missing_image_rate: float
+    long_text: bool
+    image_share: float
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class EmbedConfig:
     image_size: int
     device: str
     num_workers: int
+    chunk_rows: int
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,7 @@ class NeighboursConfig:
     tfidf_max_ngram: int
     member_spaces: tuple[str, ...]
     as_features: bool
+    n_jobs: int  # sparse search worker processes / faiss threads; 0 or -1: every core
 
 
 @dataclass(frozen=True)
@@ -297,9 +302,11 @@ class EnsembleConfig:
 
 @dataclass(frozen=True)
 class AblationConfig:
-    """What the `ablation` stage retrains: the fusion head on these modality subsets."""
+    """What the `ablation` stage retrains: the fusion head on these modality subsets, on at most
+    `max_rows` train rows (0: all), so its cost stays bounded at competition scale."""
 
     fusion_variants: tuple[str, ...]
+    max_rows: int
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,20 @@ class Layout:
     def image_mask(self, split: str) -> Path:
         return self.features_dir / f"{split}_image_mask.npy"
 
+    # Resume state of long stages. Never inside a DVC output: DVC deletes a stage's outputs
+    # before running it, which would throw the finished work of a killed run away.
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.data.checkpoints_dir)
+
+    @property
+    def embed_checkpoints(self) -> Path:
+        return self.checkpoints_dir / "embed"
+
+    def embed_chunk(self, split: str, index: int) -> Path:
+        """embed's finished chunk `index` of `split` (pricefuse.features.embedding)."""
+        return self.embed_checkpoints / f"{split}_{index:05d}.npz"
+
     # neighbours: OOF neighbour features of train rows, all-train-row features of test rows
     def neighbour_features(self, split: str) -> Path:
         return Path(self.data.neighbours_dir) / f"{split}.parquet"

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +267,12 @@ class _Product:
     pack: int
     premium: bool
     deluxe: bool
+    # The parts of catalog_content, so `long_text` can rebuild it with more words.
+    item_name: str = ""
+    bullets: tuple[str, ...] = ()
+    description: str = ""
+    value: float | None = None
+    unit: str | None = None
 
 
 def _brands(rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -370,7 +376,61 @@ def _new_product(rng: np.random.Generator, index: int, brands: list[tuple[str, s
         pack=pack,
         premium=tier == "premium",
         deluxe=deluxe,
+        item_name=item_name,
+        bullets=tuple(bullets),
+        description=description,
+        value=value,
+        unit=unit,
     )
+
+
+# `long_text`: real catalog texts run to a median of ~630 characters over a vocabulary of
+# ~250k terms; the short demo texts reuse a few hundred words. Long texts add words drawn from
+# a Zipf law over a pseudo-vocabulary, so TF-IDF vocabularies and text lengths (and with them
+# the cost of the n-gram member, the neighbour search and the text encoder) are real-like.
+LONG_VOCABULARY = 40_000
+SHORT_LISTING_RATE = 0.25
+_SYLLABLES = (
+    "ba", "ko", "ri", "ten", "mar", "lo", "vi", "sa", "nu", "pel", "dor", "ki", "ra", "mo",
+    "ste", "li", "gan", "fo", "zu", "che", "ta", "ne", "pro", "var", "sol", "mi", "tra", "den",
+)  # fmt: skip
+
+
+def _vocabulary(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(words, cumulative Zipf probabilities): LONG_VOCABULARY pseudo-words of 2-4 syllables."""
+    words: dict[str, None] = {}
+    while len(words) < LONG_VOCABULARY:
+        n = int(rng.integers(2, 5))
+        words["".join(_SYLLABLES[i] for i in rng.integers(len(_SYLLABLES), size=n))] = None
+    weights = 1.0 / np.arange(1, LONG_VOCABULARY + 1) ** 1.05
+    return np.array(list(words)), np.cumsum(weights / weights.sum())
+
+
+def _phrase(rng: np.random.Generator, vocab: tuple[np.ndarray, np.ndarray], n: int) -> str:
+    words, cumulative = vocab
+    picks = np.minimum(np.searchsorted(cumulative, rng.random(n)), len(words) - 1)
+    return " ".join(words[picks]).capitalize()
+
+
+def _lengthen(product: _Product, rng: np.random.Generator, vocab: tuple) -> _Product:
+    """The product with up to 6 bullets and a description of Zipf words appended, or (a quarter
+    of them) with neither; price, image and every parsed field unchanged. Calibrated on the real
+    rows with the default text encoder's tokenizer: characters at the quartiles ~345 / 650 /
+    1,000 (real: 248 / 632 / 1,253), tokens per row within the 128-token window 102 on average
+    (real: 98), so the encoder's cost per row is real-like."""
+    if rng.random() < SHORT_LISTING_RATE:  # name, value and unit only, as many real rows are
+        text = format_catalog(product.item_name, [], "", product.value, product.unit)
+        return replace(product, catalog_content=text, bullets=(), description="")
+    extra = int(rng.integers(0, 6)) - len(product.bullets)
+    bullets = [
+        f"{b}, {_phrase(rng, vocab, int(rng.integers(2, 8))).lower()}" for b in product.bullets
+    ]
+    bullets += [_phrase(rng, vocab, int(rng.integers(4, 12))) for _ in range(max(extra, 0))]
+    words = int(np.clip(rng.lognormal(np.log(35), 1.1), 0, 600))
+    tail = _phrase(rng, vocab, words) + "." if words else ""
+    description = " ".join(s for s in (product.description, tail) if s)
+    text = format_catalog(product.item_name, bullets, description, product.value, product.unit)
+    return replace(product, catalog_content=text, bullets=tuple(bullets), description=description)
 
 
 def render_image(product: _Product, size: int, rng: np.random.Generator) -> Image.Image:
@@ -459,6 +519,8 @@ def _validate(cfg: DemoConfig) -> None:
     rates = (cfg.missing_image_rate, cfg.broken_link_rate, cfg.corrupt_image_rate)
     if any(r < 0 for r in rates) or sum(rates) > 0.5:
         raise ValueError(f"demo image fault rates must be >= 0 and sum to <= 0.5, got {rates}")
+    if not 0.0 < cfg.image_share <= 1.0:
+        raise ValueError(f"demo.image_share must be in (0, 1], got {cfg.image_share}")
 
 
 def _listings(cfg: DemoConfig, rng: np.random.Generator) -> tuple[list[_Product], int]:
@@ -533,6 +595,10 @@ def generate_demo(cfg: DemoConfig, seed: int, out_dir: Path | None = None) -> st
     noise = np.exp(rng.normal(0.0, NOISE_SIGMA, size=n))
     prices = np.maximum(np.round([r.price_rule for r in rows] * noise, 2), 0.5)
     missing, broken, corrupt = _image_faults(rows, cfg, rng)
+    if cfg.long_text:
+        rows = _long_texts(rows, np.random.default_rng([seed, 2]))
+    if cfg.image_share < 1.0:  # its own stream: the default draws stay as they were
+        missing |= np.random.default_rng([seed, 3]).random(n) >= cfg.image_share
 
     base = _link_base(out_dir)
     links = ["" if missing[i] else f"{base}/{rows[i].image_name}" for i in range(n)]
@@ -572,6 +638,16 @@ def generate_demo(cfg: DemoConfig, seed: int, out_dir: Path | None = None) -> st
         f"rule: category base x quantity^elasticity x pack^{PACK_ELASTICITY} x brand tier x "
         f"deluxe badge (image only) x lognormal noise (sigma {NOISE_SIGMA})."
     )
+
+
+def _long_texts(rows: list[_Product], rng: np.random.Generator) -> list[_Product]:
+    """Every row with a long text; a relisted row keeps the text of the product it relists."""
+    vocab = _vocabulary(rng)
+    longer: dict[int, _Product] = {}
+    for row in rows:
+        if id(row) not in longer:
+            longer[id(row)] = _lengthen(row, rng, vocab)
+    return [longer[id(row)] for row in rows]
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:

@@ -4,16 +4,32 @@ Arrays are plain .npy files aligned with the parsed table by row position; meta.
 row-order hash of each split (`row_hash_<split>`), which every consumer checks so it never pairs
 a row with another product's embedding. `embed_tables` returns what the stage records and never
 calls MLflow; the encoders are passed in, so a test can use small stand-ins.
+
+Resume: each split is encoded in chunks of `embed.chunk_rows` rows, always (resumed or not), and
+every finished chunk is written atomically to `layout.embed_checkpoints` (outside the stage's DVC
+output, which DVC deletes before a run). A re-run after a kill takes over a chunk only when its key
+matches: the encoders and every setting that changes a vector bit (`vector_settings`), the split,
+and the chunk's ids, texts, image paths, `has_image` and image file sizes. Chunking is the only
+path because the encoders batch within what they are given (the text encoder sorts a chunk by
+length), so a resumed run writes the same bytes as an uninterrupted one. The checkpoints are
+deleted once every split's arrays are written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from pricefuse.core.config import EmbedConfig
 from pricefuse.core.device import resolve_device
@@ -27,6 +43,8 @@ from pricefuse.features.text import TextEncoder
 from pricefuse.pipeline.inputs import load_parsed
 
 COLUMNS = (ID, TEXT, IMAGE_PATH, HAS_IMAGE)
+# The checkpoint file's layout; part of every chunk key, so a change of format recomputes.
+CHUNK_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,7 @@ def load_encoders(cfg: EmbedConfig) -> Encoders:
     """Both encoders from their refs on `embed.device`, in half precision there if it is a GPU
     (a missing package or file, an unknown device or `cuda` without a GPU is a StageError)."""
     device = resolve_device(cfg.device, "embed.device")
+    check_chunk_rows(cfg)
     if cfg.num_workers < 0:
         raise StageError(f"embed.num_workers must be >= 0, got {cfg.num_workers}")
     threads = set_torch_threads()
@@ -92,55 +111,228 @@ def load_encoders(cfg: EmbedConfig) -> Encoders:
     return Encoders(text, image, threads, device)
 
 
-def embed_split(
-    table: pd.DataFrame, text_encoder: TextEncoder, image_encoder: ImageEncoder
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
-    """(text_emb, image_emb, image_mask, timings) for one parsed table, rows in table order.
+def check_chunk_rows(cfg: EmbedConfig) -> int:
+    """`embed.chunk_rows`, refused below 1 (before any model is loaded)."""
+    if cfg.chunk_rows < 1:
+        raise StageError(
+            f"embed.chunk_rows must be >= 1 (rows per checkpointed chunk), got {cfg.chunk_rows}"
+        )
+    return cfg.chunk_rows
+
+
+def vector_settings(cfg: EmbedConfig, encoders: Encoders) -> dict[str, Any]:
+    """What besides the rows can change a vector's bits, for the chunk keys: the models and their
+    widths, lengths and sizes, the batch sizes (they decide padding and kernels), the device, its
+    autocast dtype and GPU, and torch's version. Not `num_workers` (the same vectors, tested) nor
+    `chunk_rows` (a chunk's rows are in its key)."""
+    import torch
+
+    device = str(encoders.device)
+    return {
+        "format": CHUNK_FORMAT,
+        "text_model": encoders.text.ref,
+        "text_dim": int(encoders.text.dim),
+        "text_max_length": cfg.text_max_length,
+        "text_batch_size": cfg.text_batch_size,
+        "image_model": encoders.image.ref,
+        "image_dim": int(encoders.image.dim),
+        "image_size": cfg.image_size,
+        "image_batch_size": cfg.image_batch_size,
+        "device": device,
+        "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+        "text_autocast": str(getattr(encoders.text, "half", None)),
+        "image_autocast": str(getattr(encoders.image, "half", None)),
+        "torch": torch.__version__,
+    }
+
+
+def _file_size(path: str) -> int:
+    """The image file's size (-1: no path or no file): a re-fetched image changes the key."""
+    if not path:
+        return -1
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def chunk_key(
+    settings: Mapping[str, Any],
+    split: str,
+    ids: list[Any],
+    texts: list[str],
+    paths: list[str],
+    has_image: np.ndarray,
+) -> str:
+    """sha256 over the settings, the split and the chunk's rows: ids, texts (preprocess options
+    change them under the same ids), image paths, has_image and image file sizes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"settings": settings, "split": split}, sort_keys=True).encode())
+    digest.update(row_hash(ids).encode())
+    rows = [texts, paths, [bool(h) for h in has_image], [_file_size(p) for p in paths]]
+    digest.update(json.dumps(rows).encode())
+    return digest.hexdigest()
+
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def save_chunk(path: Path, key: str, text: np.ndarray, image: np.ndarray, mask: np.ndarray) -> None:
+    """One finished chunk, atomically: a temp file beside `path`, synced, then one rename, so a
+    kill leaves no file, the old one or the whole new one, never a half chunk under its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            np.savez(out, key=np.array(key), text=text, image=image, mask=mask)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_chunk(path: Path, key: str, rows: int, dims: tuple[int, int]) -> Arrays | None:
+    """(text, image, mask) of the finished chunk at `path`, or None when it is absent, unreadable,
+    of another key or of another shape (then the chunk is computed again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) != key:
+                return None
+            text, image, mask = stored["text"], stored["image"], stored["mask"]
+    except Exception:  # a torn or foreign file: recompute rather than crash
+        return None
+    if text.shape != (rows, dims[0]) or image.shape != (rows, dims[1]) or mask.shape != (rows,):
+        return None
+    return text, image, mask
+
+
+def clear_checkpoints(layout: Layout) -> None:
+    """Delete embed's chunk files and temp files of killed writes, then the emptied folders."""
+    directory = layout.embed_checkpoints
+    for path in [*directory.glob("*.npz"), *directory.glob(".*.tmp-*")]:
+        path.unlink(missing_ok=True)
+    for folder in (directory, layout.checkpoints_dir):
+        with contextlib.suppress(OSError):  # absent, or holding another stage's checkpoints
+            folder.rmdir()
+
+
+def embed_chunk(
+    texts: list[str], paths: list[str], encoders: Encoders
+) -> tuple[Arrays, dict[str, float]]:
+    """((text_emb, image_emb, image_mask), timings) of one chunk's rows, in their order.
 
     A row whose image cannot be read gets a zero vector and mask False, so a consumer can tell
     "no image" from "an image that embeds to zeros".
     """
-    texts = table[TEXT].fillna("").astype(str).tolist()
     start = time.perf_counter()
-    text_emb = text_encoder.encode(texts, progress=True)
+    text_emb = encoders.text.encode(texts, progress=True)
     text_seconds = time.perf_counter() - start
-
-    has_image = table[HAS_IMAGE].fillna(False).astype(bool).to_numpy()
-    paths = table[IMAGE_PATH].fillna("").astype(str).where(has_image, "").tolist()
     start = time.perf_counter()
-    image_emb, image_mask = image_encoder.encode_paths(paths, progress=True)
+    image_emb, image_mask = encoders.image.encode_paths(paths, progress=True)
     image_seconds = time.perf_counter() - start
     timings = {
         "texts": float(len(texts)),
         "text_seconds": text_seconds,
-        "images": float(has_image.sum()),
+        "images": float(sum(1 for p in paths if p)),
         "image_seconds": image_seconds,
-        "images_failed": float((has_image & ~image_mask).sum()),
     }
-    return text_emb, image_emb, image_mask, timings
+    return (text_emb, image_emb, image_mask), timings
+
+
+@dataclass
+class SplitEmbedding:
+    """One split's arrays in table order, the encoding timings of the chunks computed in this run
+    and how many chunks were computed or taken over from a killed run's checkpoints."""
+
+    text: np.ndarray
+    image: np.ndarray
+    mask: np.ndarray
+    timings: dict[str, float]
+    computed: int
+    reused: int
+
+
+def embed_split(
+    split: str,
+    table: pd.DataFrame,
+    encoders: Encoders,
+    layout: Layout,
+    settings: Mapping[str, Any],
+    chunk_rows: int,
+) -> SplitEmbedding:
+    """Encode one parsed table chunk by chunk (`chunk_rows` rows), taking over the finished chunks
+    whose key matches and checkpointing every chunk it computes."""
+    n = len(table)
+    ids = table[ID].tolist()
+    texts = table[TEXT].fillna("").astype(str).tolist()
+    has_image = table[HAS_IMAGE].fillna(False).astype(bool).to_numpy()
+    paths = table[IMAGE_PATH].fillna("").astype(str).where(has_image, "").tolist()
+    dims = (int(encoders.text.dim), int(encoders.image.dim))
+    text_emb = np.zeros((n, dims[0]), dtype=np.float32)
+    image_emb = np.zeros((n, dims[1]), dtype=np.float32)
+    mask = np.zeros(n, dtype=bool)
+    todo: list[tuple[int, int, int, str]] = []
+    for index, start in enumerate(range(0, n, chunk_rows)):
+        stop = min(start + chunk_rows, n)
+        rows = slice(start, stop)
+        key = chunk_key(settings, split, ids[rows], texts[rows], paths[rows], has_image[rows])
+        stored = load_chunk(layout.embed_chunk(split, index), key, stop - start, dims)
+        if stored is None:
+            todo.append((index, start, stop, key))
+        else:
+            text_emb[rows], image_emb[rows], mask[rows] = stored
+    n_chunks = -(-n // chunk_rows)
+    timings = dict.fromkeys(("texts", "text_seconds", "images", "image_seconds"), 0.0)
+    done = n - sum(stop - start for _, start, stop, _ in todo)
+    with tqdm(total=n, initial=done, unit="row", desc=f"embed {split}", disable=None) as bar:
+        for index, start, stop, key in todo:
+            rows = slice(start, stop)
+            bar.set_postfix_str(f"chunk {index + 1}/{n_chunks}")
+            arrays, chunk_timings = embed_chunk(texts[rows], paths[rows], encoders)
+            save_chunk(layout.embed_chunk(split, index), key, *arrays)
+            text_emb[rows], image_emb[rows], mask[rows] = arrays
+            for name, value in chunk_timings.items():
+                timings[name] += value
+            bar.update(stop - start)
+    return SplitEmbedding(
+        text_emb, image_emb, mask, timings, computed=len(todo), reused=n_chunks - len(todo)
+    )
 
 
 def embed_tables(
-    tables: dict[str, pd.DataFrame], encoders: Encoders, layout: Layout
+    tables: dict[str, pd.DataFrame], encoders: Encoders, layout: Layout, cfg: EmbedConfig
 ) -> StageRecord:
-    """Encode every split, write its arrays under `layout.features_dir`, and return what the stage
-    records: coverage and throughput metrics, the encoders (tags, params) and the row hashes."""
+    """Encode every split in checkpointed chunks (resuming a killed run's finished ones), write
+    its arrays under `layout.features_dir`, delete the checkpoints, and return what the stage
+    records: coverage, throughput and chunk metrics, the encoders (tags, params), the row hashes."""
+    chunk_rows = check_chunk_rows(cfg)
+    settings = vector_settings(cfg, encoders)
     layout.features_dir.mkdir(parents=True, exist_ok=True)
     totals = dict.fromkeys(("texts", "text_seconds", "images", "image_seconds"), 0.0)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"chunks_computed": 0.0, "chunks_reused": 0.0}
     hashes: dict[str, str] = {}
     for split, table in tables.items():
-        text_emb, image_emb, image_mask, timings = embed_split(table, encoders.text, encoders.image)
-        np.save(layout.text_embeddings(split), text_emb)
-        np.save(layout.image_embeddings(split), image_emb)
-        np.save(layout.image_mask(split), image_mask)
+        done = embed_split(split, table, encoders, layout, settings, chunk_rows)
+        np.save(layout.text_embeddings(split), done.text)
+        np.save(layout.image_embeddings(split), done.image)
+        np.save(layout.image_mask(split), done.mask)
         hashes[f"row_hash_{split}"] = row_hash(table[ID].tolist())
         for key in totals:
-            totals[key] += timings[key]
+            totals[key] += done.timings[key]
+        has_image = table[HAS_IMAGE].fillna(False).astype(bool).to_numpy()
         metrics[f"rows_{split}"] = float(len(table))
-        metrics[f"image_coverage_{split}"] = float(image_mask.mean()) if len(table) else 0.0
-        metrics[f"images_failed_{split}"] = timings["images_failed"]
-    metrics["texts_per_s"] = totals["texts"] / max(totals["text_seconds"], 1e-9)
+        metrics[f"image_coverage_{split}"] = float(done.mask.mean()) if len(table) else 0.0
+        metrics[f"images_failed_{split}"] = float((has_image & ~done.mask).sum())
+        metrics["chunks_computed"] += done.computed
+        metrics["chunks_reused"] += done.reused
+    # Every split's arrays are written: the checkpoints have served (DVC deletes the outputs
+    # before a run, so a split's chunks are kept until the last split is done).
+    clear_checkpoints(layout)
+    if totals["texts"]:
+        metrics["texts_per_s"] = totals["texts"] / max(totals["text_seconds"], 1e-9)
     if totals["images"]:
         metrics["images_per_s"] = totals["images"] / max(totals["image_seconds"], 1e-9)
 
@@ -149,14 +341,18 @@ def embed_tables(
         f"{split} {len(table)} rows ({metrics[f'image_coverage_{split}']:.0%} with image)"
         for split, table in tables.items()
     )
-    speed = f"{metrics['texts_per_s']:.0f} texts/s"
+    speed = f"{metrics['texts_per_s']:.0f} texts/s" if "texts_per_s" in metrics else "no text"
     if "images_per_s" in metrics:
         speed += f", {metrics['images_per_s']:.1f} images/s"
     where = f"{encoders.threads} thread(s)" if encoders.device == "cpu" else encoders.device
+    chunks = (
+        f"{metrics['chunks_computed']:.0f} chunk(s) of up to {chunk_rows} rows computed, "
+        f"{metrics['chunks_reused']:.0f} resumed from {layout.embed_checkpoints}"
+    )
     return StageRecord(
         summary=(
-            f"embed: {coverage}; text {text.dim}-d, image {image.dim}-d; {speed} on "
-            f"{where} -> {layout.features_dir}"
+            f"embed: {coverage}; text {text.dim}-d, image {image.dim}-d; {speed} encoded on "
+            f"{where}; {chunks} -> {layout.features_dir}"
         ),
         metrics=metrics,
         tags={"text_model": text.ref, "image_model": image.ref},

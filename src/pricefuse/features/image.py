@@ -363,7 +363,8 @@ class ImageEncoder:
         embeddings = np.zeros((n, self.dim), dtype=np.float32)
         mask = np.zeros(n, dtype=bool)
         wanted = [i for i in range(n) if str(paths[i])]  # "" = no image: nothing to read
-        bar = tqdm(total=n, unit="img", desc="image", disable=True if not progress else None)
+        off = True if not progress else None  # leave=None: kept unless under an outer bar
+        bar = tqdm(total=n, unit="img", desc="image", leave=None, disable=off)
         with bar:
             bar.update(n - len(wanted))
             if not wanted:
@@ -426,7 +427,8 @@ class ImageEncoder:
             rows.clear()
             tensors.clear()
 
-        bar = tqdm(total=n, unit="img", desc="image", disable=True if not progress else None)
+        off = True if not progress else None  # leave=None: kept unless under an outer bar
+        bar = tqdm(total=n, unit="img", desc="image", leave=None, disable=off)
         with bar:
             for i in range(n):
                 bar.update(1)

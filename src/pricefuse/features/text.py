@@ -208,9 +208,9 @@ class TextEncoder:
             raise TypeError(f"texts[{bad}] is {type(texts[bad]).__name__}, expected str")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-        bar = tqdm(
-            total=len(texts), unit="text", desc="text", disable=True if not progress else None
-        )
+        # leave=None: under an outer bar (embed's rows per split) a chunk's bar goes when done.
+        off = True if not progress else None
+        bar = tqdm(total=len(texts), unit="text", desc="text", leave=None, disable=off)
         with bar, torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 index = order[start : start + self.batch_size]

@@ -223,8 +223,12 @@ def model_signature(interval_level: float) -> Any:
 
 
 def input_example(test_csv: str | Path, rows: int = 3) -> pd.DataFrame:
-    """The first rows of the raw test CSV, in the request's columns: the model's input example."""
-    raw = pd.read_csv(test_csv, nrows=rows)
+    """The first rows of the raw test CSV, in the request's columns: the model's input example.
+
+    Read as text: rows without an image link must give "" (the signature's string), not pandas'
+    float NaN, which MLflow refuses as an example (it did when the first test rows had no link).
+    """
+    raw = pd.read_csv(test_csv, nrows=rows, dtype=str, keep_default_na=False)
     return raw[[c for c in (INPUT_TEXT, INPUT_IMAGE_LINK) if c in raw.columns]]
 
 

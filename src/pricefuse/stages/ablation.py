@@ -27,5 +27,7 @@ def run(params: Params) -> None:
     # Retrains fusion heads (one per modality subset) on `fusion.device`, as train_fusion does.
     with tracking.stage_run(STAGE, params, upstream, "fusion.device") as run:
         variants = params.ablation.fusion_variants
-        result = run_ablation(params.fusion, params.seed, variants, train, oof, members)
+        result = run_ablation(
+            params.fusion, params.seed, variants, train, oof, members, params.ablation.max_rows
+        )
         tracking.record(run, STAGE, result)

@@ -7,6 +7,10 @@ Cache layout under `cache_dir` (= `params.data.images_dir`):
 - `journal.csv`: the same rows, appended as images land, so a run killed with `kill -9` resumes
   without re-downloading; merged into the manifest and removed when a run completes.
 - `cache.json`: the settings that change file content (`max_side`); a change invalidates files.
+- `shards/`: the valid files packed into tar shards when a run completes
+  (pricefuse.core.image_shards): what DVC tracks and moves instead of `files/`, which
+  `.dvcignore` leaves out. Opening the cache first restores `files/` from them (a fresh
+  `dvc pull`), so a pulled cache resumes like a local one.
 
 The fast resume check trusts a file only when a manifest/journal row says it is valid *and* its
 size matches; a file without such a row (a crash between rename and journal write) is decoded
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from pricefuse.core.config import FetchConfig
+from pricefuse.core.image_shards import FILES_DIR, SHARDS_DIR, pack, restore_image_files
 from pricefuse.core.layout import IMAGE_OK_STATUSES, MANIFEST_COLUMNS, image_manifest
 from pricefuse.data.images.records import STATUSES, LinkRecord
 from pricefuse.data.images.validate import ImageRejected, prepare_image, validate_image
@@ -36,7 +41,6 @@ log = logging.getLogger(__name__)
 # Bump when the bytes written for the same input and settings change (invalidates caches).
 _CACHE_FORMAT = 1
 _STEM_CHARS = 24
-_FILES = "files"
 _JOURNAL = "journal.csv"
 _SETTINGS = "cache.json"
 _PART_SUFFIX = ".part"
@@ -112,18 +116,22 @@ class ImageCache:
     """The files directory, what previous runs recorded about it, and the journal of this run.
 
     Opening it removes `.part` leftovers of killed runs and, when the content settings changed
-    since the files were written, the files themselves (they would no longer match the params).
+    since the files were written, the files and shards themselves (they would no longer match
+    the params); otherwise it restores the files the shards hold and `files/` lacks.
     """
 
     def __init__(self, cache_dir: Path | str, cfg: FetchConfig) -> None:
         self.root = Path(cache_dir)
-        self.files_dir = self.root / _FILES
+        self.files_dir = self.root / FILES_DIR
+        self.shards_dir = self.root / SHARDS_DIR
         # The stage contract's path, derived so that the two cannot drift apart.
         self.manifest_path = image_manifest(self.root)
         self.journal_path = self.root / _JOURNAL
         self.cfg = cfg
         self.files_dir.mkdir(parents=True, exist_ok=True)
         settings_ok = self._check_settings()
+        if settings_ok:
+            restore_image_files(self.root)
         self.existing: dict[str, str] = self._scan() if settings_ok else {}
         self.known: dict[str, LinkRecord] = {}
         if settings_ok:
@@ -146,9 +154,12 @@ class ImageCache:
             return True
         if current is not None:
             log.info("image cache settings changed (%s -> %s): clearing %s", current, wanted, path)
-        for entry in os.scandir(self.files_dir):
-            if entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
+        for directory in (self.files_dir, self.shards_dir):
+            if directory.is_dir():
+                for entry in os.scandir(directory):
+                    # a symlink too: DVC's symlink cache type checks shards out as links
+                    if not entry.is_dir(follow_symlinks=False):
+                        os.unlink(entry.path)
         self.journal_path.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}{_PART_SUFFIX}")
         tmp.write_text(json.dumps(wanted) + "\n")
@@ -238,8 +249,12 @@ class ImageCache:
             self._journal = None
 
     def commit(self, records: Iterable[LinkRecord]) -> Path:
-        """Write the manifest of a completed run, then drop the journal it supersedes."""
+        """Write the manifest of a completed run, drop the journal it supersedes, then pack the
+        files it vouches for into the shards (only the shards that changed are rewritten)."""
         self.close_journal()
+        records = list(records)
         path = write_manifest(self.manifest_path, records)
         self.journal_path.unlink(missing_ok=True)
+        valid = (r for r in records if r.status in IMAGE_OK_STATUSES and r.bytes > 0 and r.path)
+        pack(self.files_dir, self.shards_dir, (os.path.basename(r.path) for r in valid))
         return path

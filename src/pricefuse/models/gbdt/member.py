@@ -95,12 +95,14 @@ def train_gbdt_members(
         except ValueError as exc:
             raise StageError(f"gbdt.boosters: {exc}") from exc
     y, folds = train_targets(train.parsed)
-    total = len(cfg.boosters) * len(np.unique(folds))
-    with tqdm(total=total, desc="gbdt folds", unit="fit", disable=None) as bar:
+    # Each booster predicts every train row once (fold k's held rows from fold k's model): the
+    # bar counts those rows, so it reads rows/s with an ETA over boosters x folds.
+    total = len(cfg.boosters) * len(y)
+    with tqdm(total=total, desc="gbdt", unit="row", disable=None) as bar:
 
         def advance(name: str, fold: int) -> None:
-            bar.set_postfix_str(f"{name} fold {fold}")
-            bar.update()
+            bar.set_postfix_str(f"{name} fold {fold} done", refresh=False)
+            bar.update(int(np.sum(folds == fold)))
 
         fit = fit_gbdt(
             train.parsed,

@@ -40,8 +40,18 @@ def train_linear_member(
         raise StageError(f"linear.view must be one of {', '.join(VIEWS)}, got {cfg.view!r}")
     y, folds = train_targets(train)
     out_dir = layout.model_dir(MEMBER)
-    with tqdm(total=len(np.unique(folds)), desc="linear folds", disable=None) as bar:
-        fit = fit_linear(cfg, train, y, folds, on_fold_done=lambda k: bar.update())
+    # Rows fitted (each fold's held rows, then every row for the full fit), so the bar reads rows/s
+    # and its ETA counts the full fit too.
+    last = int(np.max(folds, initial=-1))
+    with tqdm(total=2 * len(y), desc="linear", unit="row", disable=None) as bar:
+
+        def advance(k: int) -> None:
+            bar.set_postfix_str("full fit" if k == last else f"fold {k + 1}", refresh=False)
+            bar.update(int(np.sum(folds == k)))
+
+        bar.set_postfix_str("fold 0")
+        fit = fit_linear(cfg, train, y, folds, on_fold_done=advance)
+        bar.update(len(y))
     shutil.rmtree(out_dir, ignore_errors=True)
     fit.predictor.save(out_dir)
     saved = LinearPredictor.load(out_dir)

@@ -38,6 +38,8 @@ def check_config(cfg: NeighboursConfig) -> None:
         )
     if cfg.k < 1:
         raise StageError("neighbours.k must be >= 1")
+    if cfg.n_jobs < -1:
+        raise StageError("neighbours.n_jobs must be >= 1, or 0 / -1 for every core")
 
 
 def _rows(batch: MemberBatch) -> NeighbourRows:
@@ -53,12 +55,21 @@ def build_neighbours(
     y, folds = train_targets(train.parsed)
     out_dir = layout.model_dir(PRODUCER)
     started = time.perf_counter()
-    with tqdm(total=len(np.unique(folds)) + 1, desc="neighbour folds", disable=None) as bar:
-        train_features = oof_features(cfg, _rows(train), y, folds, lambda k: bar.update())
+    # Rows given features (each fold's held train rows, then the test rows), so the bar reads
+    # rows/s with an ETA over the folds and the all-train index.
+    n_test = len(test.parsed)
+    with tqdm(total=len(y) + n_test, desc="neighbours", unit="row", disable=None) as bar:
+
+        def advance(k: int) -> None:
+            bar.set_postfix_str(f"fold {k} done", refresh=False)
+            bar.update(int(np.sum(folds == k)))
+
+        train_features = oof_features(cfg, _rows(train), y, folds, advance)
         shutil.rmtree(out_dir, ignore_errors=True)
         NeighbourIndex.fit(cfg, _rows(train), y).save(out_dir)
         test_features = NeighbourIndex.load(out_dir).features(_rows(test))
-        bar.update()
+        bar.set_postfix_str("test rows done", refresh=False)
+        bar.update(n_test)
     seconds = time.perf_counter() - started
 
     features_dir = layout.neighbour_features("train").parent

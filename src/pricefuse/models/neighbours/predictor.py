@@ -14,7 +14,8 @@ the estimate).
 No leaks: train rows see only neighbours from other folds, and every fitted part (the TF-IDF
 vocabularies) is fitted on those other folds only (`oof_features`). Test and served rows see all
 train rows (`NeighbourIndex.fit` on every train row). Search is exact: faiss inner-product indexes
-on the normalised embeddings, scikit-learn's brute-force cosine search on the sparse TF-IDF rows.
+on the normalised embeddings, brute-force cosine search on the sparse TF-IDF rows (scikit-learn's
+operations, blocks of queries in `neighbours.n_jobs` worker processes; search.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ from pricefuse.models.neighbours.search import (
 
 MEMBER = "knn"
 MANIFEST = "neighbours.json"
+# `neighbours` parameters added after indexes were first saved, with the value an index saved
+# before them takes: such an index still loads. n_jobs changes how fast, never what, it finds.
+MANIFEST_DEFAULTS = {"n_jobs": 0}
 
 
 @dataclass
@@ -63,17 +67,18 @@ class _Space:
     vectorizer: Any = None  # TF-IDF spaces only
     _index: Any = None  # the search structure, built on first use and kept
 
-    def search(self, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """`search_sparse`/`search_dense` over this space's keys. Why the kept index: a served
-        model queries the same keys for every request, and rebuilding the faiss index (and
-        re-normalising the keys) per request cost more than the search itself."""
+    def search(self, queries: Any, k: int, n_jobs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`search_sparse`/`search_dense` over this space's keys, with `n_jobs` workers (sparse)
+        or threads (faiss). Why the kept index: a served model queries the same keys for every
+        request, and rebuilding the faiss index (and re-normalising the keys) per request cost
+        more than the search itself."""
         if self.vectorizer is not None:
-            if self._index is None or self._index.n_neighbors != k:
-                self._index = sparse_index(self.keys, k)
-            return search_sparse(queries, self.keys, k, self._index)
+            if self._index is None:
+                self._index = sparse_index(self.keys)
+            return search_sparse(queries, self.keys, k, self._index, n_jobs=n_jobs)
         if self._index is None:
             self._index = dense_index(self.keys)
-        return search_dense(queries, self.keys, k, self._index)
+        return search_dense(queries, self.keys, k, self._index, n_jobs=n_jobs)
 
 
 def _view(space: str) -> str:
@@ -126,13 +131,13 @@ class NeighbourIndex:
                 continue
             if space.vectorizer is not None:
                 queries = space.vectorizer.transform(text_view(rows.parsed, _view(name)))
-                sims, idx = space.search(queries, k)
+                sims, idx = space.search(queries, k, self.cfg.n_jobs)
                 mask = np.ones(len(rows), dtype=bool)
             else:
                 queries, mask = _space_rows(name, rows)
                 if not mask.any():
                     continue
-                sims, idx = space.search(queries, k)
+                sims, idx = space.search(queries, k, self.cfg.n_jobs)
             block = neighbour_stats(sims, space.values[idx], self.cfg.decay, self.cfg.band)
             out[mask, i * len(STATS) : (i + 1) * len(STATS)] = block
         return pd.DataFrame(out, columns=self.columns)
@@ -178,8 +183,9 @@ class NeighbourIndex:
             raise FileNotFoundError(f"{path} not found: not a neighbour index directory")
         manifest = json.loads(path.read_text())
         # Typed like params.yaml (lists become tuples); an index saved before a parameter
-        # existed fails naming it instead of silently taking some value for it.
-        raw = {**manifest["config"], "spaces": manifest["spaces"]}
+        # existed fails naming it instead of silently taking some value for it, except those in
+        # MANIFEST_DEFAULTS, which do not change the features.
+        raw = {**MANIFEST_DEFAULTS, **manifest["config"], "spaces": manifest["spaces"]}
         cfg = section_from_dict(NeighboursConfig, raw, "neighbours", source=str(path))
         spaces = {}
         for name in manifest["spaces"]:
