@@ -45,6 +45,7 @@ from benchmarks.results import add_results_option, table, write_results  # noqa:
 
 from pricefuse.core.image_shards import pack, unpack  # noqa: E402
 from pricefuse.data.images import LinkRecord, cache_stem, write_manifest  # noqa: E402
+from tests.support import init_git_dvc  # noqa: E402
 
 DVC_STEPS = ("add", "push", "push again", "pull")
 LINK = "https://m.media-amazon.com/images/I/bench{:07d}.jpg"
@@ -107,12 +108,8 @@ def sh(command: list[str], cwd: Path) -> float:
 
 def init_repo(repo: Path, remote: Path, site_cache: Path, ignore_files: bool) -> None:
     repo.mkdir(parents=True)
+    init_git_dvc(repo)
     for command in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.email", "bench@example.com"],
-        ["git", "config", "user.name", "bench"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
         ["dvc", "config", "core.site_cache_dir", str(site_cache)],
         ["dvc", "remote", "add", "-d", "bench", str(remote)],
     ):

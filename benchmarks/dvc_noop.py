@@ -16,13 +16,10 @@ machine and its load; not a test.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,31 +27,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results import add_results_option, table, write_results  # noqa: E402
 
 from tests.integration.test_pipeline import TINY  # noqa: E402  (the test's own parameters)
-from tests.support import PROJECT_FILES, deep_update, run_cmd  # noqa: E402
+from tests.support import copy_project, run_cmd  # noqa: E402
 
 
 def tiny_project(root: Path) -> Path:
     """The integration test's project copy (tests/conftest.py `make_project`), demo data made."""
-    for name in PROJECT_FILES:
-        if (ROOT / name).exists():
-            shutil.copy2(ROOT / name, root / name)
-    shutil.copytree(
-        ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
-    shutil.copy2(ROOT / ".gitignore", root / ".gitignore")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    (root / "params.yaml").write_text(yaml.safe_dump(deep_update(params, TINY), sort_keys=False))
-    for command in (
-        ["git", "init", "-q"],
-        ["git", "config", "user.email", "bench@example.com"],
-        ["git", "config", "user.name", "bench"],
-        ["dvc", "init", "-q"],
-        ["dvc", "config", "core.analytics", "false"],
-        ["git", "add", "-A"],
-        ["git", "commit", "-qm", "project copy"],
-        ["pricefuse", "demo-data"],
-    ):
-        run_cmd(command, root)
+    copy_project(root, TINY)
+    run_cmd(["pricefuse", "demo-data"], root)
     return root
 
 

@@ -289,15 +289,21 @@ def refresh_project(root: Path, overrides: dict) -> Path:
     return root
 
 
-def copy_project(root: Path, overrides: dict) -> Path:
-    """Copy the project (code, pipeline, params with `overrides` merged) into `root` as a fresh,
-    committed git + DVC repo: what the integration and real tests and the benchmarks run in."""
-    refresh_project(root, overrides)
+def init_git_dvc(root: Path) -> None:
+    """Make `root` a git + DVC repo with a committer identity and DVC's analytics off (the
+    project copies, and the benchmarks' scratch repos)."""
     run_cmd(["git", "init", "-q"], root)
     run_cmd(["git", "config", "user.email", "ci@example.com"], root)
     run_cmd(["git", "config", "user.name", "ci"], root)
     run_cmd(["dvc", "init", "-q"], root)
     run_cmd(["dvc", "config", "core.analytics", "false"], root)
+
+
+def copy_project(root: Path, overrides: dict) -> Path:
+    """Copy the project (code, pipeline, params with `overrides` merged) into `root` as a fresh,
+    committed git + DVC repo: what the integration and real tests and the benchmarks run in."""
+    refresh_project(root, overrides)
+    init_git_dvc(root)
     run_cmd(["git", "add", "-A"], root)
     run_cmd(["git", "commit", "-qm", "project copy"], root)
     return root
