@@ -80,15 +80,32 @@ def timed(call: Callable[[], Any], repeats: int) -> list[float]:
 
 
 class Server:
-    """A live `mlflow models serve` process (its own process group, ended on exit)."""
+    """A live `mlflow models serve` process (its own process group, ended on exit).
 
-    def __init__(self, project: Path, model: str, workers: int) -> None:
+    `timeout` is `mlflow models serve -t` (MLflow's default when None), `env` adds variables
+    (e.g. SERVING_MODEL_CONFIG), `log_name` is the server's log file in the project."""
+
+    def __init__(
+        self,
+        project: Path,
+        model: str,
+        workers: int,
+        *,
+        timeout: int | None = None,
+        env: dict[str, str] | None = None,
+        log_name: str = "serve-benchmark.log",
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = ["mlflow", "models", "serve", "-m", model, "--env-manager", "local"]
         cmd += ["-h", "127.0.0.1", "-p", str(self.port), "-w", str(workers)]
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
-        self.log = (project / "serve-benchmark.log").open("w")
+        cmd += ["-t", str(timeout)] if timeout is not None else []
+        env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}",
+            **(env or {}),
+        }
+        self.log = (project / log_name).open("w")
         start = time.perf_counter()
         self.proc = subprocess.Popen(
             cmd, cwd=project, env=env, stdout=self.log, stderr=subprocess.STDOUT,

@@ -7,11 +7,13 @@ import copy
 import functools
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,7 @@ def model_server(
     env: dict[str, str] | None = None,
     env_manager: str | None = "local",
     ready_timeout: float = 240,
+    processes: list[subprocess.Popen] | None = None,
 ) -> Iterator[str]:
     """`mlflow models serve -m model --env-manager local` run in `cwd`; yields its base URL.
 
@@ -123,7 +126,8 @@ def model_server(
     from its requirements first, which `ready_timeout` (seconds until /ping answers) must allow.
     The tracking store is the project's own (sqlite:///mlflow.db in `cwd`) unless `env` names
     one. Output goes to `log_path`, not a pipe nobody reads (a full pipe would block the
-    server); a server that exits or never answers fails with the log's tail.
+    server); a server that exits or never answers fails with the log's tail. `processes`, when
+    given, receives the `mlflow models serve` process (its children serve: see `tree_peak_rss`).
     """
     port = free_port()
     command = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model]
@@ -135,6 +139,8 @@ def model_server(
         server = subprocess.Popen(
             command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=full_env
         )
+    if processes is not None:
+        processes.append(server)
     base = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -148,6 +154,79 @@ def model_server(
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process below it (Linux /proc), depth first."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += process_tree(int(child))
+    return found
+
+
+def tree_peak_rss(pid: int) -> int:
+    """Bytes: the sum over `pid`'s process tree of each process's peak resident set (VmHWM).
+
+    An upper bound on the tree's peak (the processes need not peak at once); processes that
+    already exited are not counted.
+    """
+    total = 0
+    for member in process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+TCP_ESTABLISHED = "01"  # the state column of /proc/net/tcp
+
+
+def established(port: int, table: Path = Path("/proc/net/tcp")) -> int:
+    """TCP connections in state ESTABLISHED whose local port is `port` (IPv4): the connections
+    a server listening on `port` holds open now. One its client closed is CLOSE_WAIT at once."""
+    count = 0
+    for line in table.read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == TCP_ESTABLISHED:
+            count += 1
+    return count
+
+
+class PeakSampler:
+    """Samples `read()` every `interval` seconds on a thread, keeping the largest value."""
+
+    def __init__(self, read: Callable[[], int], interval: float = 0.05) -> None:
+        self.read = read
+        self.interval = interval
+        self.peak = self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.read())
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- figures ----------------------------------------------------------------------------------
 
 
 # --- the text member: tiny rows and a tiny encoder --------------------------------------------
@@ -327,3 +406,59 @@ DEVELOPMENT_DISTRIBUTIONS = (
     "gemma",
     "gguf",
 )
+
+# --- hostile images ----------------------------------------------------------------------------
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def many_scan_jpeg(side: int, scans: int, refine: bool = True) -> bytes:
+    """A grey `side`x`side` progressive JPEG of `scans` identical, empty AC scans.
+
+    Each scan is ~60 bytes (end-of-band runs of 32767 blocks) yet makes libjpeg visit every
+    block of the canvas; a refinement scan (Ah=1, Al=0) also checks all 63 coefficients of each
+    block. Measured here at 6000 px: 300 first scans (18 KB) 1.1 s, 300 refinement scans (the
+    same 18 KB) 9.7 s of CPU. libjpeg only warns about the senseless progression.
+    """
+    # One AC Huffman table: EOB14 (runs of 16384..32767 blocks) gets the 1-bit code "0", the
+    # other EOBn symbols 5-bit codes (canonical order: 0x00, 0x10, ... 0xD0 -> 10000...11101).
+    symbols = [0xE0] + [n << 4 for n in range(14)]
+    codes = {0xE0: (0b0, 1)} | {n << 4: (0b10000 + n, 5) for n in range(14)}
+    counts = bytes([1, 0, 0, 0, 14] + [0] * 11)
+    bits: list[int] = []
+    per_side = -(-side // 8)
+    left = per_side * per_side  # 8x8 blocks
+    while left:
+        run = min(left, 32767)
+        n = run.bit_length() - 1
+        code, length = codes[n << 4]
+        bits += [(code >> i) & 1 for i in reversed(range(length))]
+        bits += [((run - (1 << n)) >> i) & 1 for i in reversed(range(n))]
+        left -= run
+    bits += [1] * (-len(bits) % 8)
+    data = bytearray()
+    for i in range(0, len(bits), 8):
+        byte = int("".join(map(str, bits[i : i + 8])), 2)
+        data += bytes([byte, 0]) if byte == 0xFF else bytes([byte])
+    ah_al = 0x10 if refine else 0x00
+    scan = _segment(0xDA, bytes([1, 1, 0x00, 1, 63, ah_al])) + bytes(data)  # Ss=1 Se=63
+    return (
+        b"\xff\xd8"
+        + _segment(0xDB, bytes([0] + [1] * 64))
+        + _segment(0xC2, struct.pack(">BHHB", 8, side, side, 1) + bytes([1, 0x11, 0]))
+        + _segment(0xC4, bytes([0x10]) + counts + bytes(symbols))
+        + scan * scans
+        + b"\xff\xd9"
+    )
+
+
+def slow_decoding_image_b64() -> str:
+    """Base64 of a 2 KB JPEG that costs about a second of decoding CPU (~40 Mpx, the most scans
+    validation allows): a decode bomb within every limit but time."""
+    import base64
+
+    from pricefuse.data.images.validate import MAX_JPEG_SCANS
+
+    return base64.b64encode(many_scan_jpeg(6320, MAX_JPEG_SCANS)).decode()

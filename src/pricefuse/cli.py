@@ -270,7 +270,7 @@ def predict(
     import mlflow
     import pandas as pd
 
-    from pricefuse.data.images import ImagePolicy
+    from pricefuse.data.images.guard import ImagePolicy
     from pricefuse.recording import tracking
 
     tracking.configure(params.mlflow.experiment)

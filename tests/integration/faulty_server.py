@@ -92,6 +92,8 @@ class FaultyServer:
         self.lifetime = lifetime
         self.counts: Counter[str] = Counter()
         self.times: dict[str, list[float]] = {}
+        self.in_flight = 0  # requests being answered now, and the most at once
+        self.max_in_flight = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._httpd = _Server(("127.0.0.1", 0), _handler_for(self))
@@ -115,6 +117,12 @@ class FaultyServer:
             self.counts[path] += 1
             self.times.setdefault(path, []).append(time.monotonic())
             return index
+
+    def entered(self, step: int) -> None:
+        """One more (+1) or one fewer (-1) request being answered: the concurrency gauge."""
+        with self._lock:
+            self.in_flight += step
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -179,9 +187,13 @@ def _handler_for(server: FaultyServer) -> type[BaseHTTPRequestHandler]:
             if route is None:
                 self._send(404, b"not found", "text/plain")
                 return
-            if self.owner.delay:
-                self.owner.wait(self.owner.delay)
-            self._act(route, route.behaviour(index))
+            self.owner.entered(+1)
+            try:
+                if self.owner.delay:
+                    self.owner.wait(self.owner.delay)
+                self._act(route, route.behaviour(index))
+            finally:
+                self.owner.entered(-1)
 
         def _act(self, route: Route, behaviour: str) -> None:
             if behaviour == "ok":

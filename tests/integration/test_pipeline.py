@@ -6,21 +6,35 @@ state the previous one left), because a full repro is the expensive part.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import io
 import json
 import sqlite3
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 
 from pricefuse.stages import STAGES  # every stage the CLI offers is a dvc.yaml stage, in order
-from tests.support import model_server, run_cmd
+from tests.integration.faulty_server import FaultyServer, Route, synthetic_images
+from tests.support import (
+    PeakSampler,
+    established,
+    model_server,
+    run_cmd,
+    slow_decoding_image_b64,
+    tree_peak_rss,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +52,13 @@ TINY = {
     "ensemble": {"members": ["fusion", "lightgbm", "xgboost", "catboost", "linear", "knn", "text"]},
     "text": {"max_length": 16, "epochs": 1, "smape_epochs": 0, "batch_size": 16},
     # demo image links are paths on this disk: let the served model read them, so its answers
-    # can be compared with the submission (which used the same images)
-    "serving": {"allow_local_images": True},
+    # can be compared with the submission (which used the same images); links to a loopback
+    # image server (the bounded-work tests) may be fetched too
+    "serving": {
+        "allow_local_images": True,
+        "image_hosts": ["m.media-amazon.com", "127.0.0.1"],
+        "trusted_networks": ["127.0.0.0/8"],
+    },
     # Every version passes the promotion gate (SMAPE is at most 200), so @champion (predict's
     # default) is always the ensemble that wrote the current submission; the gate's refusals
     # are tested in tests/unit/test_registry.py.
@@ -316,6 +335,232 @@ def test_served_model_prices_extreme_and_garbled_values_by_the_parsing_defaults(
     prices = predicted["price"].to_numpy()
     assert ((prices > 0) & (prices < 1e6)).all(), prices
     assert prices[0] == pytest.approx(prices[1], rel=1e-9)
+
+
+# --- bounded work per request (docs/serving.md "Bounded work") ---------------------------------
+# A second server of the same model, with the serving limits made small through MLflow's
+# serve-time model config, so each bound is reached in seconds. Its image links go to a real
+# loopback image server (TINY allows 127.0.0.1 as an image host on a trusted network).
+
+BOUNDS = {
+    "max_rows": 40,
+    "max_body_bytes": 3_000_000,
+    "request_seconds": 6,
+    "light_rows": 2,
+    "light_body_bytes": 200_000,
+    "heavy_requests": 1,
+    "queue_seconds": 0.5,
+    "max_request_pixels": 45_000_000,  # one decode bomb's 40 Mpx fit, not three 20 Mpx images
+    "decode_seconds": 0.5,  # the decode bomb takes ~1 s here
+    "fetch_concurrency": 3,
+    "fetch_per_host": 3,
+}
+MEMORY_CEILING = 3 * 2**30  # the served process tree's peak RSS under every hostile test below
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[FaultyServer]:
+    """Loopback images: /ok.jpg answers, /hang.jpg trickles one byte per 0.1 s (minutes)."""
+    body = next(iter(synthetic_images(1).values()))
+    routes = {"/ok.jpg": Route(body=body), "/hang.jpg": Route(body=body * 20, then="trickle")}
+    with FaultyServer(routes, lifetime=1800) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bounded(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
+    """(base URL, pid of `mlflow models serve`) of the model served under BOUNDS."""
+    log_path = tmp_path_factory.mktemp("serve-bounded") / "server.log"
+    processes: list = []
+    env = {
+        "SERVING_MODEL_CONFIG": json.dumps(BOUNDS),
+        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "30",
+    }
+    with model_server(SERVED_MODEL, project, log_path, env=env, processes=processes) as base:
+        yield base, processes[0].pid
+
+
+def _rows_frame(n: int, text: str = GOOD_ROW, **columns: list) -> pd.DataFrame:
+    return pd.DataFrame({"sample_id": list(range(n)), "catalog_content": [text] * n, **columns})
+
+
+def _bodies(frame: pd.DataFrame) -> dict[str, tuple[bytes, str]]:
+    """The same rows in every body MLflow accepts: (body, content type) by name."""
+    parquet = io.BytesIO()
+    frame.to_parquet(parquet)
+    records = frame.to_dict(orient="records")
+    return {
+        "split": (json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode(), JSON),
+        "records": (json.dumps({"dataframe_records": records}).encode(), JSON),
+        "instances": (json.dumps({"instances": records}).encode(), JSON),
+        "inputs": (json.dumps({"inputs": frame.to_dict(orient="list")}).encode(), JSON),
+        "csv": (frame.to_csv(index=False).encode(), "text/csv"),
+        "parquet": (parquet.getvalue(), "application/vnd.apache.parquet"),
+    }
+
+
+def _answer(text: str) -> str:
+    try:
+        return json.loads(text).get("message", text)
+    except ValueError:
+        return text
+
+
+def test_served_model_prices_csv_and_parquet_bodies_like_json(project: Path, served: str):
+    test = pd.read_csv(project / "data/raw/demo/test.csv").head(6)
+    frame = test[["sample_id", "catalog_content", "image_link"]].fillna("")
+    prices = {}
+    for name, (body, media) in _bodies(frame).items():
+        status, _, text = _post_bytes(served, body, media)
+        assert status == 200, (name, text[:2000])
+        answer = pd.DataFrame(json.loads(text)["predictions"])
+        assert answer["sample_id"].tolist() == frame["sample_id"].tolist(), name
+        prices[name] = answer["price"].to_numpy()
+    for name, values in prices.items():
+        assert values == pytest.approx(prices["split"], rel=1e-9), name
+
+
+def test_bounded_server_refuses_oversized_requests_in_every_format(bounded):
+    base, _pid = bounded
+    for name, (body, media) in _bodies(_rows_frame(BOUNDS["max_rows"] + 1)).items():
+        status, _, text = _post_bytes(base, body, media)
+        assert status == 413 and "serving.max_rows" in _answer(text), (name, text[:500])
+    million = io.BytesIO()  # a million rows in a few KB: refused from its metadata
+    pd.DataFrame({"catalog_content": [GOOD_ROW] * 1_000_000}).to_parquet(
+        million, compression="zstd"
+    )
+    status, _, text = _post_bytes(base, million.getvalue(), "application/vnd.apache.parquet")
+    assert status == 413 and "1000000 rows" in _answer(text), text[:500]
+    # a body over the byte limit, declared (Content-Length) or streamed in chunks
+    big = _split(["catalog_content"], ["x" * (BOUNDS["max_body_bytes"] + 10)])
+    status, _, text = _post_bytes(base, big)
+    assert status == 413 and "serving.max_body_bytes" in _answer(text), text[:500]
+    status, text = _post_chunked(base, big)
+    assert status == 413 and "serving.max_body_bytes" in _answer(text), text[:500]
+    # bodies MLflow answered with a 500 or a stack trace
+    for body, media, expected, named in [
+        (b"[" * 50_000 + b"]" * 50_000, JSON, 400, "nested too deeply"),
+        (b'{"inputs": {"catalog_content": [' + b"9" * 6000 + b"]}}", JSON, 400, "valid JSON"),
+        (b"sample_id,catalog_content\nabc,tea\n", "text/csv", 400, "non-integer 'sample_id'"),
+        (b'{"inputs": {"catalog_content": ["tea"]}}', "", 415, "Content-Type"),
+    ]:
+        status, _, text = _post_bytes(base, body, media)
+        assert status == expected and named in _answer(text), (body[:40], text[:500])
+        assert "Traceback" not in text and "stack_trace" not in text, text[:500]
+    status, good = _post(base, _rows_frame(1))
+    assert status == 200 and good["predictions"][0]["sample_id"] == 0, good
+
+
+def _post_chunked(base: str, body: bytes) -> tuple[int, str]:
+    """POST `body` in 64 KB chunks (Transfer-Encoding: chunked, no Content-Length)."""
+    import http.client
+
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
+    # the server may answer before the whole body is sent: then read what it said
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        connection.request(
+            "POST", "/invocations", body=chunks, headers={"Content-Type": JSON}, encode_chunked=True
+        )
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    return response.status, text
+
+
+def _timed_post(base: str, frame: pd.DataFrame) -> tuple[int, str, float]:
+    started = time.monotonic()
+    body = json.dumps({"dataframe_split": frame.to_dict(orient="split")}).encode()
+    status, _, text = _post_bytes(base, body)
+    return status, text, time.monotonic() - started
+
+
+def test_bounded_server_stops_abandoned_work_and_shares_its_fetch_slots(bounded, image_host):
+    """Rows whose links hang: the request ends at serving.request_seconds with a 504 naming it
+    (not when the fetches would), no fetch starts after it, and however many requests want
+    images, at most serving.fetch_concurrency fetches are open at once."""
+    base, _pid = bounded
+    hang = image_host.url("/hang.jpg")
+    heavy = _rows_frame(BOUNDS["max_rows"], image_link=[hang] * BOUNDS["max_rows"])
+    light = _rows_frame(2, image_link=[hang, hang])
+    # fetches open at once: the image server's ESTABLISHED connections (its own handler count
+    # lags, as a trickling handler notices a closed client only at its next write)
+    with (
+        PeakSampler(lambda: established(image_host.port)) as connections,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        answers = [pool.submit(_timed_post, base, heavy)]
+        answers += [pool.submit(_timed_post, base, light) for _ in range(3)]
+        results = [answer.result() for answer in answers]
+    for status, text, seconds in results:
+        assert status == 504 and "serving.request_seconds" in _answer(text), text[:500]
+        assert seconds < BOUNDS["request_seconds"] + 4, seconds
+    assert 0 < connections.peak <= BOUNDS["fetch_concurrency"], connections.peak
+    fetched = image_host.snapshot().get("/hang.jpg", 0)
+    time.sleep(3)
+    assert image_host.snapshot().get("/hang.jpg", 0) == fetched  # nothing fetches for them
+    status, good = _post(base, _rows_frame(1, image_link=[image_host.url("/ok.jpg")]))
+    assert status == 200 and good["predictions"][0]["image_status"] == "ok", good
+
+
+def _b64_jpeg(size: tuple[int, int], seed: int = 0) -> str:
+    """A flat-coloured JPEG: large in pixels, small in bytes."""
+    colour = tuple(int(c) for c in np.random.default_rng(seed).integers(0, 255, 3))
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="JPEG", quality=80)
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def test_bounded_server_shares_one_pixel_budget_and_bounds_each_decode(bounded):
+    base, _pid = bounded
+    large = [_b64_jpeg((5000, 4000), seed) for seed in range(3)]  # 20 Mpx each, budget 45
+    status, answer = _post(base, _rows_frame(3, image_b64=large))
+    assert status == 200, answer
+    statuses = sorted(row["image_status"] for row in answer["predictions"])
+    assert statuses == ["ok", "ok", "pixel_budget"], statuses
+    bomb = slow_decoding_image_b64()
+    started = time.monotonic()
+    status, answer = _post(base, _rows_frame(1, image_b64=[bomb]))
+    seconds = time.monotonic() - started
+    assert status == 200 and answer["predictions"][0]["image_status"] == "decode_timeout", answer
+    assert seconds < BOUNDS["decode_seconds"] + 3, seconds
+
+
+def test_bounded_server_answers_a_good_row_in_time_beside_hostile_requests(bounded, image_host):
+    """Clients sending every hostile kind at once; a one-row request still gets its 200 within
+    seconds every time, and the server's memory stays under MEMORY_CEILING."""
+    base, pid = bounded
+    hang = image_host.url("/hang.jpg")
+    hostile = [
+        _rows_frame(BOUNDS["max_rows"]),  # the most rows allowed: takes the heavy turn
+        _rows_frame(2, image_link=[hang, hang]),  # light, but its links hang
+        _rows_frame(1, image_b64=[slow_decoding_image_b64()]),  # a decode bomb
+        _rows_frame(3, image_b64=[_b64_jpeg((5000, 4000), 7)] * 3),  # past the pixel budget
+    ]
+    stop = time.monotonic() + 20
+    hostile_statuses: list[int] = []
+
+    def attack(frame: pd.DataFrame) -> None:
+        while time.monotonic() < stop:
+            hostile_statuses.append(_timed_post(base, frame)[0])
+
+    with ThreadPoolExecutor(len(hostile) * 2) as pool:
+        attackers = [pool.submit(attack, frame) for frame in hostile * 2]
+        time.sleep(2)
+        good_seconds = []
+        while time.monotonic() < stop - 2:
+            status, text, seconds = _timed_post(base, _rows_frame(1))
+            assert status == 200, text[:500]
+            good_seconds.append(seconds)
+        for attacker in attackers:
+            attacker.result()
+    print(f"good rows beside hostile ones: {len(good_seconds)}, max {max(good_seconds):.2f} s")
+    assert max(good_seconds) < 5, good_seconds
+    assert set(hostile_statuses) <= {200, 503, 504}, sorted(set(hostile_statuses))
+    peak = tree_peak_rss(pid)
+    print(f"served process tree peak RSS: {peak / 2**30:.2f} GiB")
+    assert peak < MEMORY_CEILING, peak
 
 
 def test_ensemble_param_reruns_only_ensemble_and_submit(project: Path):

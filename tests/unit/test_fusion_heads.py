@@ -268,3 +268,60 @@ def test_a_last_batch_of_one_row_still_trains_batchnorm_heads() -> None:
     cfg = dataclasses.replace(TINY_CFG, arch="towers", epochs=1, batch_size=64)
     model, history = train_fold(train, valid, cfg, seed=0)
     assert len(history.train_loss) == 1 and np.isfinite(model.predict(valid)).all()
+
+
+def _trained_like(head: FusionHeadBase, seed: int, n_units: int) -> FusionHeadBase:
+    """`head` with random weights, BatchNorm statistics and input scales (as after training), a
+    unit vocabulary of `n_units`, in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    arch = dataclasses.replace(head.arch, n_units=n_units)
+    out = build_head(arch)
+    with torch.no_grad():
+        for tensor in [*out.parameters(), *out.buffers()]:
+            if tensor.dtype.is_floating_point and tensor.dim() > 0:
+                tensor.copy_(torch.rand(tensor.shape, generator=g) + 0.5)
+        out.set_target_scale(2.5 + seed / 10, 0.8, 0.4, 6.5)
+    return out.eval()
+
+
+@pytest.mark.parametrize("joint", [False, True])
+@pytest.mark.parametrize("output", ["affine", "sigmoid"])
+def test_stacked_dcn_heads_answer_as_each_head(joint: bool, output: str) -> None:
+    """StackedDcn (the served rows' batched forward of the fold heads) gives each fold's head
+    output to float rounding: its own weights, BatchNorm statistics, input scales, unit
+    vocabulary (of another size per fold), image mask and readout."""
+    from pricefuse.models.fusion.heads.dcn import StackedDcn
+
+    base = make_head("dcn", joint=joint, output=output)
+    heads = [_trained_like(base, seed, n_units) for seed, n_units in enumerate((5, 3, 7))]
+    inputs = [batch(9, seed=10 + k, joint=joint) for k in range(len(heads))]
+    inputs = [
+        (*x[:3], x[3] % head.arch.n_units, *x[4:]) for x, head in zip(inputs, heads, strict=True)
+    ]
+    stacked = StackedDcn(heads)(*(torch.stack(parts) for parts in zip(*inputs, strict=True)))
+    with torch.inference_mode():
+        for k, (head, x) in enumerate(zip(heads, inputs, strict=True)):
+            torch.testing.assert_close(stacked[k], head(*x), rtol=1e-5, atol=1e-5)
+    heads[0].train()
+    with pytest.raises(ValueError, match="eval mode"):
+        StackedDcn(heads)
+
+
+def test_fusion_predictor_stacks_dcn_heads_for_few_rows_only(monkeypatch) -> None:
+    """A predictor of `dcn` fold heads answers a few rows through StackedDcn and many rows head
+    by head, with the same predictions to float rounding; other heads never stack."""
+    from pricefuse.models.fusion import predictor as module
+    from pricefuse.models.fusion.heads.dcn import StackedDcn
+
+    data = synthetic(120, seed=5)
+    cfg = dataclasses.replace(TINY_CFG, arch="dcn", epochs=2)
+    result = train_kfold(data, cfg, seed=3)
+    predictor = result.predictor
+    assert isinstance(predictor.stacked(), StackedDcn)
+    query = synthetic(20, seed=6, with_target=False)
+    args = (query.frame, query.text, query.image, query.image_mask)
+    stacked = predictor.predict(*args)
+    monkeypatch.setattr(module, "STACKED_MAX_ROWS", 0)
+    np.testing.assert_allclose(stacked, predictor.predict(*args), rtol=1e-6)
+    gated = train_kfold(data, dataclasses.replace(cfg, arch="gated_residual"), seed=3)
+    assert gated.predictor.stacked() is None

@@ -249,3 +249,78 @@ def test_a_predictor_saved_with_pickled_featurizers_asks_for_a_rerun(tmp_path: P
     (tmp_path / "gbdt.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="re-run train_gbdt"):
         GbdtPredictor.load(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def fold_fit():
+    """A 5-fold fit whose folds stop at different rounds (so a merge must pad), and query rows
+    with missing values, an unseen unit and a few images."""
+    train, test = parsed_frame(300, seed=6), parsed_frame(40, seed=7)
+    train_emb, test_emb = embeddings(300, seed=6), embeddings(40, seed=7)
+    test.loc[0, "unit"] = "unseen_unit"
+    test.loc[1, ["value", "quantity", "log_quantity"]] = np.nan
+    fit = fit_gbdt(
+        train,
+        train_emb,
+        train["log_price"].to_numpy(),
+        train["fold"].to_numpy(),
+        small_config(objective="huber", huber_delta=0.3),
+        seed=2,
+        n_jobs=2,
+    )
+    return fit.predictor, (test, test_emb.text, test_emb.image, test_emb.image_mask)
+
+
+@pytest.mark.parametrize("name", ["lightgbm", "xgboost"])
+def test_merged_fold_models_answer_each_fold_exactly(name: str, fold_fit) -> None:
+    """Output k of the merged model is fold k's own prediction, bit for bit, on each fold's
+    features side by side (random values, NaNs, every category code and unknown ones)."""
+    predictor, _ = fold_fit
+    models = predictor.models[name]
+    assert len({model.best_iteration for model in models}) > 1  # padding is exercised
+    merged = predictor.merged_folds()[name]
+    assert merged is not None and merged.k_folds == len(models)
+    names = predictor.featurizers[0].names
+    categorical = predictor.featurizers[0].categorical
+    rng = np.random.default_rng(0)
+    xs = []
+    for _ in models:
+        values = rng.normal(0, 3, size=(64, len(names))).astype(np.float32)
+        values[:, list(categorical)] = rng.integers(0, 6, size=(64, len(categorical)))
+        values[rng.random(values.shape) < 0.1] = np.nan
+        xs.append(FeatureMatrix(values, names, categorical))
+    side_by_side = np.hstack([x.values for x in xs])
+    for small in (True, False):
+        rows = side_by_side[:2] if small else side_by_side
+        out = merged.predict(rows, small=small)
+        for k, (model, x) in enumerate(zip(models, xs, strict=True)):
+            np.testing.assert_array_equal(out[:, k], model.predict(x.take(slice(0, len(rows)))))
+
+
+def test_served_rows_through_merged_models_equal_the_fold_by_fold_path(fold_fit, monkeypatch):
+    """GbdtPredictor.predict gives the same numbers through the merged models (a few rows, as
+    served) as calling every fold model (the path of large inputs); CatBoost is not merged."""
+    from pricefuse.models.gbdt import predictor as module
+
+    predictor, args = fold_fit
+    assert predictor.merged_folds()["catboost"] is None
+    rows = np.arange(module.MERGED_MAX_ROWS)  # a request small enough for the merged models
+    args = (args[0].iloc[rows], *(a[rows] for a in args[1:]))
+    merged = predictor.predict(*args)
+    single = [predictor.predict(args[0].iloc[[i]], *(a[[i]] for a in args[1:])) for i in (0, 1)]
+    monkeypatch.setattr(module, "MERGED_MAX_ROWS", 0)
+    fold_by_fold = predictor.predict(*args)
+    for name in predictor.models:
+        np.testing.assert_array_equal(merged[name], fold_by_fold[name])
+        np.testing.assert_array_equal([s[name][0] for s in single], fold_by_fold[name][:2])
+
+
+def test_only_multi_fold_lightgbm_and_xgboost_models_merge(fold_fit) -> None:
+    from pricefuse.models.gbdt.merged import merge_folds
+
+    predictor, _ = fold_fit
+    width = len(predictor.featurizers[0].names)
+    natives = {name: [m.native for m in models] for name, models in predictor.models.items()}
+    assert merge_folds("catboost", natives["catboost"], width) is None
+    assert merge_folds("lightgbm", natives["lightgbm"][:1], width) is None
+    assert merge_folds("xgboost", natives["xgboost"], width + 1) is None  # another layout

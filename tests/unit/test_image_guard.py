@@ -27,6 +27,7 @@ from pricefuse.data.images import (
     load_image_source,
     load_images,
 )
+from pricefuse.serving.limits import RequestLimits
 from pricefuse.serving.model import PriceEnsembleModel, model_signature
 from tests.integration.faulty_server import FaultyServer, Route, synthetic_images
 from tests.support import project_params
@@ -127,12 +128,14 @@ def test_served_output_carries_the_image_columns(server: FaultyServer) -> None:
     model = PriceEnsembleModel()
     model.image_policy = trusted_loopback()
     model.params = PARAMS
+    model.limits = RequestLimits.from_config(PARAMS.serving)
+    model.decoder = None  # decoded in this process
     priced: list[list] = []
 
     def predict_prices(
-        rows: pd.DataFrame, images: list, level: float, watch: object
+        rows: pd.DataFrame, images: list, level: float, watch: object, deadline: object
     ) -> pd.DataFrame:
-        priced.append(images)
+        priced.append(list(images))
         price = np.full(len(rows), 9.5)
         return pd.DataFrame({"price": price, "price_low": price / 2, "price_high": price * 2})
 

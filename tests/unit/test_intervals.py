@@ -25,6 +25,7 @@ from pricefuse.models.ensemble.intervals import (
     coverage_table,
     interval_metrics,
 )
+from pricefuse.serving.limits import RequestLimits
 from pricefuse.serving.model import PARAM_LEVEL, PriceEnsembleModel, model_signature
 from tests.conftest import REPO_ROOT
 from tests.support import project_params
@@ -146,6 +147,7 @@ def test_served_model_refuses_a_bad_level_before_any_work(level):
     """The level is checked with the rows, before the encoders run (this model has none)."""
     model = PriceEnsembleModel()
     model.params = project_params()
+    model.limits = RequestLimits.from_config(model.params.serving)
     rows = pd.DataFrame({"catalog_content": ["Item Name: tea"]})
     with pytest.raises(MlflowException, match="interval_level") as caught:
         model.predict(None, rows, params={PARAM_LEVEL: level})

@@ -90,3 +90,27 @@ def test_with_columns_replaces_in_place_appends_new_and_aligns_by_position() -> 
     assert parsed["b"].tolist() == ["x", "y"]  # the batch it came from is unchanged
     with pytest.raises(ValueError, match="3 rows of columns for 2 parsed rows"):
         batch.with_columns(pd.DataFrame({"c": [1.0, 2.0, 3.0]}))
+
+
+def test_with_arrays_keeps_numbers_apart_and_joins_them_only_when_the_table_is_read() -> None:
+    """Columns added through `with_arrays` stay float64 arrays beside `base` (no join per
+    call); `parsed` joins them once, in order; a column replacing a table column or an array
+    replaces it, and the batch it came from is unchanged."""
+    parsed = pd.DataFrame({"a": [1.0, 2.0], "b": ["x", "y"]}, index=[4, 9])
+    batch = MemberBatch(parsed, np.zeros((2, 4)), np.zeros((2, 3)), np.array([True, False]))
+    assert batch.parsed is parsed  # nothing to join
+    out = batch.with_arrays({"nbr_x": np.array([0.5, np.nan]), "member_m": np.array([3, 4])})
+    assert list(out.base.columns) == ["a", "b"] and out.arrays["member_m"].dtype == np.float64
+    assert out.column_names() == {"a", "b", "nbr_x", "member_m"}
+    assert list(out.parsed.columns) == ["a", "b", "nbr_x", "member_m"]
+    assert list(out.parsed.index) == [0, 1]
+    np.testing.assert_array_equal(out.parsed["nbr_x"].to_numpy(), [0.5, np.nan])
+    assert out.parsed is out.parsed  # joined once
+    shadow = out.with_arrays({"a": np.array([7.0, 8.0])})
+    assert "a" not in shadow.base.columns and shadow.parsed["a"].tolist() == [7.0, 8.0]
+    replaced = out.with_columns(pd.DataFrame({"nbr_x": [7.0, 8.0], "c": [1, 2]}))
+    assert set(replaced.arrays) == {"member_m"}
+    assert list(replaced.parsed.columns) == ["a", "b", "nbr_x", "c", "member_m"]
+    assert batch.arrays == {} and list(parsed.columns) == ["a", "b"]
+    with pytest.raises(ValueError, match="arrays of 2 values"):
+        batch.with_arrays({"c": np.zeros(3)})

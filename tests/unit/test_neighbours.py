@@ -241,3 +241,42 @@ def test_n_jobs_zero_or_minus_one_is_every_core() -> None:
     assert resolve_n_jobs(3) == 3
     with pytest.raises(ValueError, match="n_jobs"):
         resolve_n_jobs(-2)
+
+
+def test_knn_estimate_is_the_nan_skipping_mean_of_the_member_spaces() -> None:
+    """The knn member (numpy) equals pandas' row mean that skips missing spaces, from a table or
+    from arrays by name, and a row without any estimate is an error."""
+    spaces = ("tfidf_name", "tfidf_text", "image")
+    columns = [f"nbr_{space}_mean" for space in spaces]
+    values = np.array([[1.0, 2.0, 4.0], [np.nan, 3.0, np.nan], [0.1, 0.7, np.nan]])
+    frame = pd.DataFrame(values, columns=columns)
+    expected = frame.mean(axis=1, skipna=True).to_numpy()
+    np.testing.assert_array_equal(knn_estimate(frame, spaces), expected)
+    arrays = {name: frame[name].to_numpy() for name in columns}
+    np.testing.assert_array_equal(knn_estimate(arrays, spaces), expected)
+    frame.iloc[1, 1] = np.nan
+    with pytest.raises(ValueError, match="no neighbour estimate"):
+        knn_estimate(frame, spaces)
+    with pytest.raises(ValueError, match="lack"):
+        knn_estimate(frame, ("text_embedding",))
+
+
+def test_augment_adds_the_features_as_columns_and_as_arrays() -> None:
+    """The served path (augment, then the member from the batch's arrays) gives the table that
+    `features` gives and the member `knn_estimate` computes from it."""
+    from pricefuse.pipeline.members import MemberBatch
+
+    data, y, _ = rows(200)
+    index = NeighbourIndex.fit(CFG, data, y)
+    query, _, _ = rows(7, seed=4)
+    batch = MemberBatch(query.parsed, query.text, query.image, query.image_mask)
+    augmented = index.augment(batch)
+    expected = index.features(query)
+    pd.testing.assert_frame_equal(augmented.parsed[expected.columns], expected)
+    assert set(augmented.arrays) == set(expected.columns)
+    assert list(augmented.base.columns) == list(query.parsed.columns)  # nothing joined there
+    for name in expected.columns:
+        np.testing.assert_array_equal(augmented.arrays[name], expected[name].to_numpy())
+    member = index.predict_members(augmented)["knn"]
+    np.testing.assert_array_equal(member, knn_estimate(expected, CFG.member_spaces))
+    np.testing.assert_array_equal(index.predict_members(batch)["knn"], member)

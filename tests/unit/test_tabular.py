@@ -201,3 +201,24 @@ def test_a_number_too_long_for_a_float_is_counted_but_not_the_largest() -> None:
     assert features.loc[0, "name_log_max_number"] == pytest.approx(np.log1p(12.0))
     assert np.isnan(features.loc[1, "name_log_max_number"])  # missing, as with no number
     assert not np.isinf(features.to_numpy(np.float32)).any()
+
+
+def test_shared_columns_given_as_arrays_transform_as_read_from_the_table() -> None:
+    """A caller that already holds the `nbr_*`/`member_*` columns as arrays (the served model's
+    batch) gets the matrix the table gives, and featurizers sharing one cache (the folds) each
+    get their own result."""
+    frame, emb = parsed_frame(40), embeddings(40)
+    frame["nbr_tfidf_name_mean"] = np.linspace(1, 3, 40)
+    frame["member_linear"] = np.linspace(2, 4, 40)
+    frame.loc[3, "member_linear"] = np.nan
+    first = TabularFeaturizer(4, 3, seed=7).fit(frame, emb)
+    second = TabularFeaturizer(2, 1, seed=3).fit(frame.iloc[:30], emb.take(np.arange(30)))
+    query = frame.iloc[5:12].reset_index(drop=True)
+    query.loc[0, "unit"] = "unseen_unit"
+    query_emb = emb.take(np.arange(5, 12))
+    alone = [f.transform(query, query_emb).values for f in (first, second)]
+    arrays = {c: query[c].to_numpy() for c in ("nbr_tfidf_name_mean", "member_linear")}
+    shared: dict = dict(arrays)
+    together = [f.transform(query, query_emb, shared).values for f in (first, second)]
+    for a, b in zip(alone, together, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -364,3 +364,21 @@ def test_left_out_modalities_cannot_move_the_prediction() -> None:
     moved["nbr_tfidf_name_mean"] = moved["nbr_tfidf_name_mean"] + 3.0
     shifted = SplitData(moved, valid.text, valid.image, valid.image_mask)
     assert not np.allclose(model.predict(shifted), model.predict(valid))
+
+
+def test_numeric_matrix_takes_given_arrays_as_the_table_columns() -> None:
+    """Extra columns handed over as arrays (a MemberBatch's `arrays`) give the matrix read from
+    the table; numeric parsed columns skip `to_numeric` yet read the same numbers as text ones."""
+    from pricefuse.models.fusion.inputs import numeric_matrix
+
+    data = synthetic(30, seed=4, with_target=False)
+    rng = np.random.default_rng(0)
+    frame = data.frame.assign(nbr_tfidf_name_mean=rng.normal(size=30), member_linear=np.nan)
+    data = dataclasses.replace(data, frame=frame)
+    extra = ("nbr_tfidf_name_mean", "member_linear", "nbr_absent_mean")
+    given = {c: frame[c].to_numpy(dtype=np.float64) for c in extra[:2]}
+    expected = numeric_matrix(data, extra)
+    assert np.isnan(expected[:, -1]).all() and np.isnan(expected[:, -2]).all()
+    np.testing.assert_array_equal(numeric_matrix(data, extra, given), expected)
+    as_text = dataclasses.replace(data, frame=frame.astype({"pack": str, "value": object}))
+    np.testing.assert_array_equal(numeric_matrix(as_text, extra), expected)

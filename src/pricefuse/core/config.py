@@ -315,13 +315,38 @@ class SubmitConfig:
 
 
 @dataclass(frozen=True)
-class ServingConfig:
+class ServingLimits:
+    """The work one served request may cause (params.yaml's `serving` section documents each;
+    pricefuse.serving.limits enforces them). The served model is logged with these as its MLflow
+    model config, so a server may override them without retraining."""
+
+    # longest catalog_content a request may send: bounds tokenizer and parser time per row
+    max_text_chars: int
+    max_rows: int
+    max_body_bytes: int
+    request_seconds: float
+    chunk_rows: int
+    light_rows: int
+    light_body_bytes: int
+    heavy_requests: int
+    queue_seconds: float
+    request_threads: int
+    max_request_pixels: int
+    decode_seconds: float
+    decode_workers: int
+    fetch_concurrency: int
+    fetch_per_host: int
+
+
+@dataclass(frozen=True)
+class ServingConfig(ServingLimits):
+    """The `serving` section: where served images may come from, the interval level, and the
+    request limits (`ServingLimits`)."""
+
     image_hosts: tuple[str, ...]
     allow_local_images: bool
     trusted_networks: tuple[str, ...]
     interval_level: float
-    # longest catalog_content a request may send: bounds tokenizer and parser time per row
-    max_text_chars: int
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pricefuse.core.layout import (
 from pricefuse.core.records import PlotData, StageRecord
 from pricefuse.data.catalog import parse_frame
 from pricefuse.data.folds import assign_group_folds, fold_keys, group_ids
-from pricefuse.data.images import read_manifest
+from pricefuse.data.images.cache import read_manifest
 from pricefuse.data.raw import LINK
 from pricefuse.data.text_clean import changed_rows, check_text_body, clean_parsed
 from pricefuse.data.units import unit_table

@@ -42,12 +42,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 
 from pricefuse.core import compat
 from pricefuse.core.device import autocast_dtype, resolve_device
 from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
+from pricefuse.data.images.validate import encoder_pixels
 from pricefuse.features import joint, openclip
 
 log = logging.getLogger(__name__)
@@ -86,13 +87,11 @@ class Preprocess:
     def canvas(self, image: Image.Image) -> np.ndarray:
         """The image fitted into the white square: uint8 (size, size, 3), before normalising
         (the PIL part, which image-decoding workers run)."""
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        image = encoder_pixels(image)  # oriented; RGB, or RGBA where it has transparency
+        if image.mode == "RGBA":
             # Transparent pixels often hold black; put them on the same white as the padding.
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (*self.fill, 255))
-            image = Image.alpha_composite(background, rgba)
-        image = image.convert("RGB")
+            background = Image.new("RGBA", image.size, (*self.fill, 255))
+            image = Image.alpha_composite(background, image).convert("RGB")
         width, height = image.size
         scale = self.size / max(width, height)
         resized = image.resize(

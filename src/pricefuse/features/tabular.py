@@ -14,6 +14,7 @@ a model directory is data, not code to execute on load.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -226,15 +227,18 @@ def parsed_features(parsed: pd.DataFrame) -> pd.DataFrame:
     Why both per-pack and total quantity: the catalog's Value is sometimes the pack total and
     sometimes per item, so the trees get both readings and pick by context.
     """
+    return pd.DataFrame(_parsed_columns(parsed), index=parsed.index)
+
+
+def _parsed_columns(parsed: pd.DataFrame) -> dict[str, np.ndarray]:
+    """`parsed_features`' columns as float64 arrays, in its column order (what
+    `TabularFeaturizer.transform` stacks, without framing them first)."""
     missing = [c for c in REQUIRED_COLUMNS if c not in parsed.columns]
     if missing:
         raise ValueError(f"parsed table lacks column(s) {', '.join(missing)}")
     # Columns gathered as arrays and framed once: a column insert per feature cost more than
     # the features themselves on the served model's single rows.
-    out = {
-        c: pd.to_numeric(parsed[c], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-        for c in NUMERIC_COLUMNS
-    }
+    out = {c: _numeric(parsed[c]) for c in NUMERIC_COLUMNS}
     pack = np.clip(out["pack"], 1.0, None)  # NaN stays NaN, as pandas' clip
     out["log_value"] = _safe_log1p(out["value"])
     out["log_quantity_per_pack"] = _safe_log1p(out["quantity"] / pack)
@@ -242,7 +246,8 @@ def parsed_features(parsed: pd.DataFrame) -> pd.DataFrame:
     # The name as written: the preprocess text options (numbers as words) must not erase the
     # digits these features count.
     name_column = NAME_AS_WRITTEN if NAME_AS_WRITTEN in parsed.columns else "item_name"
-    names = parsed[name_column].fillna("").astype(str).tolist()
+    # `fillna("").astype(str)` per value: pandas' string casts cost more on a served row
+    names = ["" if v is None or v is pd.NA or v != v else str(v) for v in parsed[name_column]]
     largest, counts = _name_numbers(names)
     out["name_log_max_number"] = _safe_log1p(largest)
     out["name_n_numbers"] = counts
@@ -250,16 +255,38 @@ def parsed_features(parsed: pd.DataFrame) -> pd.DataFrame:
     out["name_words"] = np.array([float(len(name.split())) for name in names])
     for key, pattern in _KEYWORD_PATTERNS.items():
         out[f"kw_{key}"] = np.array([float(bool(pattern.search(name))) for name in names])
-    return pd.DataFrame(out, index=parsed.index)
+    return out
 
 
-_PARSED_KEY = "<parsed_features>"  # not a column name: TabularFeaturizer.transform's cache key
+# Not column names: TabularFeaturizer.transform's cache keys (the parsed features; the values of
+# a categorical column, by name after the prefix).
+_PARSED_KEY = "<parsed_features>"
+_VALUES_KEY = "<values>"
 
 
-def _categorical_codes(values: pd.Series, vocabulary: tuple[str, ...]) -> np.ndarray:
+def _numeric(column: pd.Series) -> np.ndarray:
+    """The column as float64, NaN where missing or not a number (`pd.to_numeric(errors=
+    "coerce")`); a column that already holds numbers skips `to_numeric`, which cost more than
+    the features themselves on a served row."""
+    if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biuf":
+        return column.to_numpy().astype(np.float64)  # NumPy numbers: NaN is their only missing
+    if not pd.api.types.is_numeric_dtype(column.dtype):
+        column = pd.to_numeric(column, errors="coerce")
+    return column.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+@functools.lru_cache(maxsize=64)
+def _code_lookup(vocabulary: tuple[str, ...]) -> dict[str, float]:
+    """Category -> code for one fitted vocabulary: built once, not per call (the featurizers of
+    all folds are asked for every served row)."""
+    return {v: float(i) for i, v in enumerate(vocabulary)}
+
+
+def _categorical_codes(values: pd.Series | list[Any], vocabulary: tuple[str, ...]) -> np.ndarray:
     """Index of each value in the vocabulary; NaN for values never seen in train (or missing)."""
-    lookup = {v: float(i) for i, v in enumerate(vocabulary)}
-    return np.array([lookup.get(v, np.nan) for v in values.astype(object)], dtype=np.float64)
+    lookup = _code_lookup(vocabulary)
+    items = values.tolist() if isinstance(values, pd.Series) else values
+    return np.array([lookup.get(v, np.nan) for v in items], dtype=np.float64)
 
 
 class TabularFeaturizer:
@@ -301,26 +328,33 @@ class TabularFeaturizer:
         return self
 
     def transform(
-        self, parsed: pd.DataFrame, emb: Embeddings, shared: dict[str, np.ndarray] | None = None
+        self, parsed: pd.DataFrame, emb: Embeddings, shared: dict[str, Any] | None = None
     ) -> FeatureMatrix:
         """`shared`: a dict kept by a caller that transforms the same rows with several
         featurizers (one per fold); the columns without fitted state (parsed features, the
-        `nbr_*`/`member_*` columns) are computed once into it and reused."""
+        `nbr_*`/`member_*` columns, the categorical values before coding) are computed once
+        into it and reused. A caller may put `nbr_*`/`member_*` columns it already holds as
+        float64 arrays there first."""
         if not self.names:
             raise RuntimeError("TabularFeaturizer.transform called before fit")
         _check_rows(parsed, emb)
         shared = {} if shared is None else shared
         if _PARSED_KEY not in shared:
-            shared[_PARSED_KEY] = parsed_features(parsed).to_numpy(dtype=np.float64)
+            columns = list(_parsed_columns(parsed).values())
+            shared[_PARSED_KEY] = np.column_stack(columns).astype(np.float64, copy=False)
+        for c in CATEGORICAL_COLUMNS:
+            if _VALUES_KEY + c not in shared:
+                shared[_VALUES_KEY + c] = parsed[c].tolist()
         base = shared[_PARSED_KEY]
-        codes = [_categorical_codes(parsed[c], self.vocabulary[c]) for c in CATEGORICAL_COLUMNS]
+        codes = [
+            _categorical_codes(shared[_VALUES_KEY + c], self.vocabulary[c])
+            for c in CATEGORICAL_COLUMNS
+        ]
         has_image = np.asarray(emb.image_mask, dtype=np.float64)
         for c in self.extra_columns:
             if c not in shared:
                 shared[c] = (
-                    pd.to_numeric(parsed[c], errors="coerce").to_numpy(dtype=np.float64)
-                    if c in parsed.columns
-                    else np.full(len(parsed), np.nan)
+                    _numeric(parsed[c]) if c in parsed.columns else np.full(len(parsed), np.nan)
                 )
         neighbours = [shared[c] for c in self.extra_columns]
         values = np.column_stack([base, *codes, has_image, *neighbours]).astype(np.float32)

@@ -15,8 +15,9 @@ member's code in its import closure, or editing a booster would make DVC re-run 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -26,23 +27,49 @@ from pricefuse.core.config import Params
 
 @dataclass(frozen=True)
 class MemberBatch:
-    """Rows to predict, as every predictor takes them: parsed table + aligned embeddings."""
+    """Rows to predict, as every predictor takes them: parsed table + aligned embeddings.
 
-    parsed: pd.DataFrame
+    The table is `base` plus `arrays`: numeric columns joined through `with_arrays` (neighbour
+    features, stacked member predictions, as the served model adds them) are kept as the
+    float64 arrays they are, and `parsed`, the full table, joins them to `base` on first use.
+    Why: joining ~20 columns to a one-row table cost a served row about a millisecond per join,
+    and a predictor that knows where a column lives (`base` for parsed fields, `arrays` for the
+    joined numbers) never needs the join; any other reader still gets every column from
+    `parsed`. The names in `arrays` are never columns of `base`.
+    """
+
+    base: pd.DataFrame
     text: np.ndarray
     image: np.ndarray
     image_mask: np.ndarray
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+
+    @functools.cached_property
+    def parsed(self) -> pd.DataFrame:
+        """The whole table: `base` with the `arrays` joined as columns (built once, on first
+        use; `base` itself when there are none)."""
+        if not self.arrays:
+            return self.base
+        names = list(self.arrays)
+        joined = pd.DataFrame(np.column_stack([self.arrays[n] for n in names]), columns=names)
+        return pd.concat([_positional(self.base), joined], axis=1)
+
+    def column_names(self) -> set[str]:
+        """The names of the whole table's columns, without joining it."""
+        return {*self.base.columns, *self.arrays}
 
     def with_columns(self, columns: pd.DataFrame) -> MemberBatch:
-        """The same rows with extra (or replaced) parsed columns, aligned by position.
+        """The same rows with extra (or replaced) columns, aligned by position.
 
         New columns are joined in one concat: one insert per column (20 neighbour features)
-        cost several ms per served request.
+        cost several ms per served request. Frames already indexed 0..n-1 (as the served model's
+        and the stages' are) are taken as they are rather than re-indexed. A column that
+        replaces one of `arrays` leaves `arrays`.
         """
-        if len(columns) != len(self.parsed):
-            raise ValueError(f"{len(columns)} rows of columns for {len(self.parsed)} parsed rows")
-        parsed = self.parsed.reset_index(drop=True)
-        values = columns.reset_index(drop=True)
+        if len(columns) != len(self.base):
+            raise ValueError(f"{len(columns)} rows of columns for {len(self.base)} parsed rows")
+        parsed = _positional(self.base)
+        values = _positional(columns)
         replaced = [name for name in values.columns if name in parsed.columns]
         if replaced:
             parsed = parsed.copy()
@@ -50,8 +77,29 @@ class MemberBatch:
                 parsed[name] = values[name].to_numpy()
         added = [name for name in values.columns if name not in replaced]
         if added:
-            parsed = pd.concat([parsed, values[added]], axis=1)
-        return MemberBatch(parsed, self.text, self.image, self.image_mask)
+            parsed = pd.concat([parsed, values if not replaced else values[added]], axis=1)
+        kept = {name: v for name, v in self.arrays.items() if name not in values.columns}
+        return MemberBatch(parsed, self.text, self.image, self.image_mask, kept)
+
+    def with_arrays(self, arrays: Mapping[str, np.ndarray]) -> MemberBatch:
+        """The same rows with extra (or replaced) numeric columns given as arrays (one value per
+        row, kept as float64), added to `arrays` without joining them to the table."""
+        values = {name: np.asarray(v, dtype=np.float64) for name, v in arrays.items()}
+        if any(v.shape != (len(self.base),) for v in values.values()):
+            raise ValueError(f"arrays of {len(self.base)} values expected for {list(values)}")
+        base = self.base
+        shadowed = [name for name in values if name in base.columns]
+        if shadowed:
+            base = base.drop(columns=shadowed)
+        return MemberBatch(base, self.text, self.image, self.image_mask, {**self.arrays, **values})
+
+
+def _positional(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` indexed 0..n-1: itself when it already is, else `reset_index(drop=True)`."""
+    index = frame.index
+    if isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1:
+        return frame
+    return frame.reset_index(drop=True)
 
 
 @dataclass(frozen=True)

@@ -56,20 +56,26 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: DataFrame of raw product rows -> DataFrame with `price` (and sample_id)."""
 
     def load_context(self, context: Any) -> None:
-        self._load(context.artifacts)
+        self._load(context.artifacts, getattr(context, "model_config", None))
 
-    def _load(self, artifacts: dict[str, str]) -> None:
+    def _load(self, artifacts: dict[str, str], model_config: dict | None = None) -> None:
+        """Build the inference path from the artifacts. `model_config` (MLflow's serve-time
+        SERVING_MODEL_CONFIG) may override the `serving.*` request limits, flat:
+        `{"max_rows": 200}`. Inside MLflow's scoring server the limits are also installed
+        around the server's request handling (pricefuse.serving.server_guard)."""
         from pricefuse.core import compat
 
         compat.apply()
         from pricefuse.core.config import params_from_dict
-        from pricefuse.data.images import ImagePolicy
+        from pricefuse.data.images.decode_pool import shared_pool
+        from pricefuse.data.images.guard import ImagePolicy
         from pricefuse.features.image import ImageEncoder
         from pricefuse.features.text import TextEncoder
         from pricefuse.models.ensemble.blend import EnsembleState
         from pricefuse.models.ensemble.intervals import ConformalCalibration
         from pricefuse.models.predictors import load_predictor
         from pricefuse.pipeline.members import serving_producers
+        from pricefuse.serving.limits import RequestLimits
 
         raw = json.loads(Path(artifacts[ART_PARAMS]).read_text())
         self.params = params_from_dict(raw)
@@ -85,8 +91,20 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
             for producer in serving_producers(self.params)
         ]
         self.state = EnsembleState.load(artifacts[ART_ENSEMBLE])
-        self.image_policy = ImagePolicy.from_config(self.params.serving, self.params.fetch)
         self.intervals = ConformalCalibration.load(artifacts[ART_ENSEMBLE])
+        self.limits = RequestLimits.from_config(self.params.serving, model_config)
+        self.image_policy = ImagePolicy.from_config(
+            self.params.serving,
+            self.params.fetch,
+            max_fetches=self.limits.fetch_concurrency,
+            max_fetches_per_host=self.limits.fetch_per_host,
+        )
+        # image decoding in killable processes shared by every request (started on first use)
+        self.decoder = shared_pool(self.limits.decode_workers, self.limits.decode_seconds)
+        from pricefuse.serving import server_guard
+
+        if server_guard.in_scoring_server():
+            server_guard.install(self.limits)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
@@ -95,19 +113,24 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
         from pricefuse.models.ensemble.intervals import IntervalLevelError, check_level
+        from pricefuse.serving.limits import CURRENT_REQUEST, Refusal
 
+        request = CURRENT_REQUEST.get()  # set by the server guard; None in `pricefuse predict`
         try:
-            rows = validate_input(model_input, self.params.serving.max_text_chars)
-            level = check_level((params or {}).get(PARAM_LEVEL, self.params.serving.interval_level))
-        except (InvalidInputError, IntervalLevelError) as exc:
-            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
-        from pricefuse.core.timings import Stopwatch
-        from pricefuse.data.images import image_columns, load_images
+            try:
+                if request is not None and hasattr(model_input, "__len__"):
+                    request.limits.check_rows(len(model_input))
+                rows = validate_input(model_input, self.limits.max_text_chars)
+                level = check_level(
+                    (params or {}).get(PARAM_LEVEL, self.params.serving.interval_level)
+                )
+            except (InvalidInputError, IntervalLevelError) as exc:
+                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+            out = self._priced_in_chunks(rows, level, request)
+        except Refusal as refusal:
+            from pricefuse.serving.server_guard import RequestRefused
 
-        watch = Stopwatch()
-        with watch("image load"):
-            outcomes = load_images(rows[INPUT_IMAGE_LINK], rows[INPUT_IMAGE_B64], self.image_policy)
-        out = self.predict_prices(rows, [outcome.image for outcome in outcomes], level, watch)
+            raise RequestRefused(refusal) from None
         unpriced = np.flatnonzero(~np.isfinite(out["price"].to_numpy())).tolist()
         if unpriced:  # parsing bounds every feature, so this is a model fault, not the request's
             count, where = row_list(unpriced)
@@ -115,16 +138,60 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
                 f"the model produced no finite price for {count} {where}; please report these rows",
                 error_code=INTERNAL_ERROR,
             )
-        out = out.assign(**image_columns(outcomes))
         if INPUT_ID in rows.columns:
             out.insert(0, INPUT_ID, rows[INPUT_ID].to_numpy())
         return out
 
+    def _priced_in_chunks(self, rows: pd.DataFrame, level: float, request: Any) -> pd.DataFrame:
+        """Validated rows priced `serving.chunk_rows` at a time, with their image columns.
+
+        Why chunks: a served request's deadline is checked before each chunk (and between the
+        parts of one), so abandoned work stops within a chunk's time; and a chunk's decoded images
+        are dropped once encoded, so a request holds at most one chunk of them. Inside a server
+        request (`request` given) its images share one pixel budget; `pricefuse predict` (no
+        request) has no deadline and no budget: its caller chose the input and waits for it.
+        """
+        from pricefuse.core.timings import Stopwatch
+        from pricefuse.data.images.source import image_columns, load_images
+        from pricefuse.serving.limits import PixelBudget
+
+        deadline = request.deadline if request is not None else None
+        budget = PixelBudget(self.limits.max_request_pixels) if request is not None else None
+        watch = Stopwatch()
+        parts = []
+        for start in range(0, len(rows), self.limits.chunk_rows):
+            chunk = rows.iloc[start : start + self.limits.chunk_rows].reset_index(drop=True)
+            if deadline is not None:
+                deadline.check(f"pricing rows {start} to {start + len(chunk) - 1}")
+            with watch("image load"):
+                outcomes = load_images(
+                    chunk[INPUT_IMAGE_LINK],
+                    chunk[INPUT_IMAGE_B64],
+                    self.image_policy,
+                    deadline=deadline.at if deadline is not None else None,
+                    pixel_budget=budget,
+                    decoder=self.decoder,
+                )
+            columns = image_columns(outcomes)
+            images = [outcome.image for outcome in outcomes]
+            del outcomes  # the images now live only in `images`, emptied once encoded
+            priced = self.predict_prices(chunk, images, level, watch, deadline)
+            parts.append(priced.assign(**columns))
+        self.last_timings = watch.seconds
+        return pd.concat(parts, ignore_index=True)
+
     def predict_prices(
-        self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any = None
+        self,
+        rows: pd.DataFrame,
+        images: list[Any],
+        level: float,
+        watch: Any = None,
+        deadline: Any = None,
     ) -> pd.DataFrame:
         """`price`, `price_low`, `price_high` (interval at `level`) for validated rows (see
-        `validate_input`) and their images (None: text-only).
+        `validate_input`) and their images (None: text-only). `images` is emptied once the
+        image encoder has read it, so the decoded images can be freed before the members run.
+        `deadline` (a `pricefuse.serving.limits.Deadline`) is checked between the parts.
 
         The wall time of each part lands in `self.last_timings` (seconds by section: image load
         when `watch` comes from `predict`, parse, text encoder, image encoder,
@@ -134,25 +201,34 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         from pricefuse.core.timings import Stopwatch, torch_threads
 
         with torch_threads(1 if len(rows) <= ONE_THREAD_ROWS else None):
-            return self._predict_prices(rows, images, level, watch or Stopwatch())
+            return self._predict_prices(rows, images, level, watch or Stopwatch(), deadline)
 
     def _predict_prices(
-        self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any
+        self, rows: pd.DataFrame, images: list[Any], level: float, watch: Any, deadline: Any
     ) -> pd.DataFrame:
         from pricefuse.data.text_clean import parse_products
         from pricefuse.models.ensemble.blend import meta_features, to_price
         from pricefuse.pipeline.members import MemberBatch
 
+        def check(doing: str) -> None:
+            if deadline is not None:
+                deadline.check(doing)
+
         with watch("parse"):
             # the text options of the params snapshot: a request is cleaned as training was
             parsed, _report = parse_products(rows, self.params.preprocess)
+        check("parsing")
         with watch("text encoder"):
             text_emb = self.text_encoder.encode(list(parsed["text"]))
+        check("encoding the text")
         with watch("image encoder"):
             image_emb, mask = self.image_encoder.encode(images)
+            images.clear()  # encoded: the decoded images are no longer needed
+        check("encoding the images")
         parsed["has_image"] = mask
         batch = MemberBatch(parsed, text_emb, image_emb, mask)
         members = self.member_predictions(batch, watch)
+        check("running the members")
         with watch("blend"):
             log_pred = self.state.predict_log(members, meta_features(parsed, mask))
             low, high = self.intervals.interval(log_pred, mask, level)
@@ -164,25 +240,29 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         """Member log predictions as columns, in the order the ensemble state expects.
 
         Feature providers (the neighbour index) run first and add their columns to the batch,
-        and every producer's predictions join the batch as `member_<name>` columns for the
-        producers after it — exactly the columns the training stages read. `watch` (a
+        and the predictions of the members a later producer stacks (`<producer>.stack_members`)
+        join the batch as `member_<name>` columns — exactly the columns the training stages
+        read (`pricefuse.pipeline.inputs.load_stage_rows` gives a consumer its own stacked
+        members only). Members nobody stacks are not joined: each join copies the batch's
+        table, which cost a served row more than some members' predictions. `watch` (a
         `pricefuse.core.timings.Stopwatch`) times each producer when given.
         """
         from pricefuse.core.timings import Stopwatch
-        from pricefuse.pipeline.members import stacked_column
+        from pricefuse.pipeline.members import stack_members_of, stacked_column
 
         watch = watch or Stopwatch()
         by_name: dict[str, np.ndarray] = {}
-        for producer, predictor in self.producers:
+        for position, (producer, predictor) in enumerate(self.producers):
             with watch(f"member {producer.name}"):
                 if producer.feeds_features and self.params.neighbours.as_features:
                     batch = predictor.augment(batch)
                 predicted = predictor.predict_members(batch)
                 by_name.update(predicted)
-                # later producers may take these as stacked features (gbdt.stack_members)
-                batch = batch.with_columns(
-                    pd.DataFrame({stacked_column(m): v for m, v in predicted.items()})
-                )
+                later = self.producers[position + 1 :]
+                stacked = {m for p, _ in later for m in stack_members_of(self.params, p.name)}
+                columns = {stacked_column(m): v for m, v in predicted.items() if m in stacked}
+                if columns:
+                    batch = batch.with_arrays(columns)
         return np.column_stack([by_name[name] for name in self.state.members])
 
 
@@ -244,6 +324,7 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
 
     import pricefuse
     from pricefuse.pipeline.members import serving_producers
+    from pricefuse.serving.limits import RequestLimits
 
     with tempfile.TemporaryDirectory() as tmp:
         params_path = Path(tmp) / "params.json"
@@ -259,6 +340,9 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
             constraints.write_text("\n".join(serving_constraints(requirements)) + "\n")
             requirements.append(f"-c {constraints}")  # MLflow logs it as constraints.txt
         registered = params.mlflow.registered_model if params.ensemble.register else None
+        # the request limits as the model's config: MLflow lets a server override only the keys
+        # a model was logged with (SERVING_MODEL_CONFIG='{"max_rows": 200}'; docs/serving.md)
+        limits = dataclasses.asdict(RequestLimits.from_config(params.serving))
         info = mlflow.pyfunc.log_model(
             name="price_model",
             python_model=str(Path(__file__).with_name("entry.py")),
@@ -268,6 +352,7 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
             input_example=test_rows,
             pip_requirements=requirements,
             registered_model_name=registered,
+            model_config=limits,
         )
     result: dict[str, Any] = {"model_uri": info.model_uri}
     if registered:

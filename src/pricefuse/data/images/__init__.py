@@ -16,56 +16,62 @@ One module per job (this package re-exports their public API):
 - `guard`: `ImagePolicy` and `guarded_get`, the only way serving fetches a link (allow-listed
   public hosts, pinned addresses, checked redirects, size and time limits).
 - `source`: `load_image_source` / `load_images`, one image per serving row with its status.
+- `fetch_slots`: the process-wide limits on concurrent fetches (and per host) and the bounded
+  name-lookup threads the guard uses.
+- `decode_pool`: untrusted bytes decoded in killable worker processes, each decode time-bounded.
 - `update`: the fetch_images stage's work (links of the raw CSVs -> cache + what it records);
   not re-exported: it imports the plotting stack, which serving does not need.
+
+The names below are re-exported lazily (PEP 562): importing one module of the package (the image
+encoder imports `validate`) does not import the others — a decode worker starts faster, and a
+stage's code dependencies (tools/stage_deps.py) stay the modules it really runs.
 """
 
 from __future__ import annotations
 
-from pricefuse.data.images.cache import ImageCache, cache_stem, read_manifest, write_manifest
-from pricefuse.data.images.fetch import FetchResult, fetch_images
-from pricefuse.data.images.guard import ImagePolicy, Refused, guarded_get
-from pricefuse.data.images.http import backoff_delay, parse_retry_after
-from pricefuse.data.images.links import distinct_links, link_kind, local_path
-from pricefuse.data.images.records import STATUSES, LinkRecord
-from pricefuse.data.images.source import (
-    ImageOutcome,
-    image_columns,
-    load_image_source,
-    load_images,
-)
-from pricefuse.data.images.validate import (
-    ALLOWED_FORMATS,
-    ImageRejected,
-    PreparedImage,
-    prepare_image,
-    validate_image,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "ALLOWED_FORMATS",
-    "STATUSES",
-    "FetchResult",
-    "ImageCache",
-    "ImageOutcome",
-    "ImagePolicy",
-    "ImageRejected",
-    "LinkRecord",
-    "PreparedImage",
-    "Refused",
-    "backoff_delay",
-    "cache_stem",
-    "distinct_links",
-    "fetch_images",
-    "guarded_get",
-    "image_columns",
-    "link_kind",
-    "load_image_source",
-    "load_images",
-    "local_path",
-    "parse_retry_after",
-    "prepare_image",
-    "read_manifest",
-    "validate_image",
-    "write_manifest",
-]
+# name -> the module of this package that defines it
+_EXPORTS = {
+    "ImageCache": "cache",
+    "cache_stem": "cache",
+    "read_manifest": "cache",
+    "write_manifest": "cache",
+    "FetchResult": "fetch",
+    "fetch_images": "fetch",
+    "ImagePolicy": "guard",
+    "Refused": "guard",
+    "guarded_get": "guard",
+    "backoff_delay": "http",
+    "parse_retry_after": "http",
+    "distinct_links": "links",
+    "link_kind": "links",
+    "local_path": "links",
+    "STATUSES": "records",
+    "LinkRecord": "records",
+    "ImageOutcome": "source",
+    "image_columns": "source",
+    "load_image_source": "source",
+    "load_images": "source",
+    "ALLOWED_FORMATS": "validate",
+    "ImageRejected": "validate",
+    "PreparedImage": "validate",
+    "prepare_image": "validate",
+    "validate_image": "validate",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -14,10 +14,18 @@ is fetched only when
 - redirects are followed by hand, at most `MAX_REDIRECTS`, each hop checked as above;
 - the body fits `fetch.max_bytes` (Content-Length checked before reading, streamed bytes counted),
   and the whole fetch, redirects included, ends within `fetch.connect_timeout +
-  fetch.read_timeout` seconds: a watchdog shuts the socket down at that deadline, so neither a
-  body nor headers trickling in under the per-read timeout can hold a worker.
-Host names are only looked up once they pass the allow-list, so name resolution (bounded by the
-system resolver, not by the deadline) only ever waits on hosts the operator chose.
+  fetch.read_timeout` seconds, or earlier at a deadline the caller gives (its request's): a
+  watchdog shuts the socket down at that deadline, so neither a body nor headers trickling in
+  under the per-read timeout can hold a worker;
+- at most `max_fetches` fetches are open at once in the whole process, and at most
+  `max_fetches_per_host` to one host (`fetch_slots`: shared by every request and thread, since a
+  limit per request multiplies with the requests in flight). A fetch waits for a slot only until
+  its deadline, then is refused (`fetch_busy`); it holds its slot through its redirects.
+Host names are only looked up once they pass the allow-list, so lookups only ever wait on hosts
+the operator chose; and a lookup runs on one of a bounded set of resolver threads while the fetch
+waits for it only until the deadline (`dns_timeout`; `dns_busy` when every resolver thread is
+still stuck on earlier lookups), since the system resolver can block far longer than a fetch may
+take and a thread stuck in it cannot be stopped.
 
 Every refusal or failure is a short reason (`Refused.reason`), which serving reports per row.
 """
@@ -32,16 +40,29 @@ import time
 import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pricefuse.core.config import FetchConfig, ServingConfig
+from pricefuse.data.images.fetch_slots import (
+    DEFAULT_MAX_FETCHES,
+    DEFAULT_MAX_FETCHES_PER_HOST,
+    FetchSlots,
+    Lease,
+    ResolverBusy,
+    ResolverTimeout,
+    shared_slots,
+)
 from pricefuse.data.images.http import USER_AGENT
 
 MAX_REDIRECTS = 3
+# A fetch whose slot comes with less time than this left is not started: it could only open a
+# connection to drop it at once.
+MIN_FETCH_SECONDS = 0.05
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 1 << 16
 
 Resolver = Callable[[str, int], Sequence[str]]
+_T = TypeVar("_T")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -65,6 +86,8 @@ class ImagePolicy:
 
     Built from the params (`from_config`); `resolver` and `ca_certs` are seams for tests (an
     allow-listed name resolving to a chosen address; a test CA), None meaning certifi's bundle.
+    `max_fetches` / `max_fetches_per_host` are process-wide limits (`slots`): every policy with
+    the same two numbers shares one set of slots, whichever request or thread built it.
     """
 
     hosts: tuple[str, ...]
@@ -73,10 +96,23 @@ class ImagePolicy:
     fetch: FetchConfig
     resolver: Resolver = system_resolver
     ca_certs: str | None = None
+    max_fetches: int = DEFAULT_MAX_FETCHES
+    max_fetches_per_host: int = DEFAULT_MAX_FETCHES_PER_HOST
+
+    def __post_init__(self) -> None:
+        if self.max_fetches < 1 or self.max_fetches_per_host < 1:
+            raise ValueError(
+                "fetch limits must be at least 1: "
+                f"max_fetches={self.max_fetches}, max_fetches_per_host={self.max_fetches_per_host}"
+            )
 
     @classmethod
     def from_config(cls, serving: ServingConfig, fetch: FetchConfig, **seams: Any) -> ImagePolicy:
-        """The policy params describe; a malformed CIDR in `trusted_networks` is an error."""
+        """The policy params describe; a malformed CIDR in `trusted_networks` is an error.
+
+        The fetch limits come from `serving.fetch_concurrency` / `serving.fetch_per_host`;
+        `seams` may override them (the served model's limits as a server overrode them).
+        """
         networks = []
         for cidr in serving.trusted_networks:
             try:
@@ -84,12 +120,22 @@ class ImagePolicy:
             except ValueError as exc:
                 raise ValueError(f"serving.trusted_networks: {cidr!r} is not a CIDR") from exc
         hosts = tuple(str(h).strip().lower().rstrip(".") for h in serving.image_hosts)
-        return cls(hosts, bool(serving.allow_local_images), tuple(networks), fetch, **seams)
+        limits: dict[str, Any] = {
+            "max_fetches": int(serving.fetch_concurrency),
+            "max_fetches_per_host": int(serving.fetch_per_host),
+        }
+        limits.update(seams)
+        return cls(hosts, bool(serving.allow_local_images), tuple(networks), fetch, **limits)
 
     @property
     def deadline_seconds(self) -> float:
         """The most one image fetch (all hops) may take."""
         return self.fetch.connect_timeout + self.fetch.read_timeout
+
+    @property
+    def slots(self) -> FetchSlots:
+        """The process's fetch slots (and resolver threads) for this policy's limits."""
+        return shared_slots(self.max_fetches, self.max_fetches_per_host)
 
     def host_allowed(self, host: str) -> bool:
         for allowed in self.hosts:
@@ -138,8 +184,18 @@ class _Target:
         return host if self.port == default else f"{host}:{self.port}"
 
 
-def check_url(url: str, policy: ImagePolicy) -> _Target:
-    """The hop `url` names, or `Refused` saying why it may not be fetched."""
+@dataclass(frozen=True)
+class _Link:
+    """One hop's URL, parsed and allow-listed: everything a hop needs but its addresses."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+
+def _parse(url: str, policy: ImagePolicy) -> _Link:
+    """The hop `url` names if its form and host are allowed (no lookup), or `Refused`."""
     if "\\" in url or any(ord(c) <= 32 or ord(c) == 127 for c in url):
         raise Refused("bad_url", "backslash, space or control character")
     try:
@@ -162,42 +218,110 @@ def check_url(url: str, policy: ImagePolicy) -> _Target:
     if not policy.host_allowed(host):
         raise Refused("host_not_allowed", host)
     port = port or (443 if scheme == "https" else 80)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Link(scheme, host, port, path)
+
+
+def _is_ip_literal(host: str) -> bool:
     try:
-        addresses = tuple(policy.resolver(host, port))
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _pin(link: _Link, policy: ImagePolicy, deadline: float) -> _Target:
+    """`link` with the addresses its host resolves to, all of them allowed, or `Refused`.
+
+    The lookup runs on one of the process's resolver threads and is waited on only until
+    `deadline`: a stuck getaddrinfo cannot be interrupted, so it is left to end on its own thread
+    (one of a bounded few) while the fetch is refused in time.
+    """
+    try:
+        if _is_ip_literal(link.host):  # nothing to look up
+            addresses: tuple[str, ...] = (link.host,)
+        else:
+            addresses = tuple(
+                policy.slots.resolvers.run(lambda: policy.resolver(link.host, link.port), deadline)
+            )
+    except ResolverTimeout as exc:
+        raise Refused("dns_timeout", f"{link.host}: {exc}") from exc
+    except ResolverBusy as exc:
+        raise Refused("dns_busy", f"{link.host}: {exc}") from exc
     except (OSError, UnicodeError) as exc:
-        raise Refused("dns_failed", f"{host}: {exc}") from exc
+        raise Refused("dns_failed", f"{link.host}: {exc}") from exc
     if not addresses:
-        raise Refused("dns_failed", host)
+        raise Refused("dns_failed", link.host)
     refused = [a for a in addresses if not policy.address_allowed(a)]
     if refused:  # any: a name must not be half public, half internal
-        raise Refused("private_address", f"{host} -> {', '.join(refused)}")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return _Target(scheme, host, port, addresses, path)
+        raise Refused("private_address", f"{link.host} -> {', '.join(refused)}")
+    return _Target(link.scheme, link.host, link.port, addresses, link.path)
 
 
-def guarded_get(url: str, policy: ImagePolicy) -> bytes:
+def check_url(url: str, policy: ImagePolicy, deadline: float | None = None) -> _Target:
+    """The hop `url` names, or `Refused` saying why it may not be fetched; the lookup ends by
+    `deadline` (a `time.monotonic()` value; default: the policy's fetch deadline from now)."""
+    if deadline is None:
+        deadline = time.monotonic() + policy.deadline_seconds
+    return _pin(_parse(url, policy), policy, deadline)
+
+
+def _at_hop(hop: int, check: Callable[..., _T], *args: Any) -> _T:
+    """`check(*args)`, its refusal renamed `redirect_<reason>` past the first hop."""
+    try:
+        return check(*args)
+    except Refused as refused:
+        if hop:
+            raise Refused(f"redirect_{refused.reason}", str(refused)) from refused
+        raise
+
+
+def guarded_get(url: str, policy: ImagePolicy, deadline: float | None = None) -> bytes:
     """The body of `url` under the policy (module docstring), or `Refused`.
 
-    A refusal at a redirect hop is reported as `redirect_<reason>`, so a row shows that its
-    own link was fine but where it led was not.
+    The fetch ends by the policy's deadline, or by `deadline` (a `time.monotonic()` value: the
+    caller's request's own) when that comes first, whatever it is waiting on: a fetch slot, a
+    name lookup, the connection or the body. A refusal at a redirect hop is reported as
+    `redirect_<reason>`, so a row shows that its own link was fine but where it led was not;
+    `fetch_busy` is not renamed, since it says the server was busy, not where the link led.
     """
-    deadline = time.monotonic() + policy.deadline_seconds
-    for hop in range(MAX_REDIRECTS + 1):
-        try:
-            target = check_url(url, policy)
-        except Refused as refused:
-            if hop:
-                raise Refused(f"redirect_{refused.reason}", str(refused)) from refused
-            raise
-        status, location, body = _exchange(target, policy, deadline)
-        if status == 200:
-            return body
-        if status not in _REDIRECTS:
-            raise Refused(f"http_{status}")
-        if not location:
-            raise Refused("redirect_without_location")
-        url = urllib.parse.urljoin(url, location)
-    raise Refused("too_many_redirects", f"more than {MAX_REDIRECTS}")
+    own = time.monotonic() + policy.deadline_seconds
+    deadline = own if deadline is None else min(own, deadline)
+    if deadline <= time.monotonic():  # nothing is started for a request that has given up
+        raise Refused("timeout", "the deadline passed before the fetch began")
+    lease: Lease | None = None
+    try:
+        for hop in range(MAX_REDIRECTS + 1):
+            link = _at_hop(hop, _parse, url, policy)
+            lease = _hold(policy.slots, lease, link.host, deadline)
+            if deadline - time.monotonic() < MIN_FETCH_SECONDS:  # the slot came too late
+                raise Refused("fetch_busy", f"a fetch slot for {link.host} came at the deadline")
+            target = _at_hop(hop, _pin, link, policy, deadline)
+            status, location, body = _exchange(target, policy, deadline)
+            if status == 200:
+                return body
+            if status not in _REDIRECTS:
+                raise Refused(f"http_{status}")
+            if not location:
+                raise Refused("redirect_without_location")
+            url = urllib.parse.urljoin(url, location)
+        raise Refused("too_many_redirects", f"more than {MAX_REDIRECTS}")
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _hold(slots: FetchSlots, lease: Lease | None, host: str, deadline: float) -> Lease:
+    """The fetch's slots for a hop to `host`: taken at the first hop, the host slot moved at a
+    redirect; `fetch_busy` when none comes free by the deadline."""
+    if lease is None:
+        taken = slots.acquire(host, deadline)
+        if taken is None:
+            raise Refused("fetch_busy", f"no fetch slot for {host} (limit {slots.total} open)")
+        return taken
+    if not lease.move(host, deadline):
+        raise Refused("fetch_busy", f"no fetch slot for {host} ({slots.per_host} open to it)")
+    return lease
 
 
 class _Watchdog:

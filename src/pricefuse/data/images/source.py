@@ -14,21 +14,25 @@ import io
 import logging
 import re
 import stat
+import time
 import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 from PIL import Image
 
+from pricefuse.core.config import FetchConfig
 from pricefuse.data.images.guard import ImagePolicy, Refused, guarded_get
 from pricefuse.data.images.links import local_path
-from pricefuse.data.images.validate import ImageRejected, prepare_image
+from pricefuse.data.images.validate import ALLOWED_FORMATS, ImageRejected, decoded_image
 
 log = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_NO_IMAGE = "no_image"
+STATUS_PIXEL_BUDGET = "pixel_budget"
 _REJECTED = {"not_image": "not_an_image"}  # validate's kinds, named for a reader of the output
 _WHITESPACE = re.compile(rb"\s+")
 
@@ -43,6 +47,32 @@ class ImageOutcome:
     @property
     def used(self) -> bool:
         return self.image is not None
+
+
+class PixelBudget(Protocol):
+    """The decoded pixels a request's images may still use (pricefuse.serving.limits)."""
+
+    def take(self, pixels: int) -> bool: ...
+
+
+class ImageDecoder(Protocol):
+    """Decodes untrusted image bytes (pricefuse.data.images.decode_pool: in killable worker
+    processes, each decode time-bounded); raises `ImageRejected`."""
+
+    seconds: float  # the most one decode may take
+
+    def decode(self, data: bytes, cfg: FetchConfig, deadline: float | None) -> Image.Image: ...
+
+
+def _header_pixels(data: bytes) -> int | None:
+    """Width x height from the image header (no pixel is decoded); None when unreadable (the
+    decoder then says why)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+            width, height = image.size
+    except Exception:
+        return None
+    return width * height
 
 
 def _b64_bytes(text: str, max_bytes: int) -> bytes:
@@ -85,7 +115,15 @@ def _local_bytes(link: str, policy: ImagePolicy) -> bytes:
     return data
 
 
-def _source_bytes(link: str | None, b64: str | None, policy: ImagePolicy) -> bytes | None:
+def _has_source(link: object, b64: object) -> bool:
+    """Whether a row names an image (`_source_bytes` reads one): a blank or non-text value (a
+    pandas NaN) is no source."""
+    return any(isinstance(value, str) and value.strip() for value in (link, b64))
+
+
+def _source_bytes(
+    link: str | None, b64: str | None, policy: ImagePolicy, deadline: float | None = None
+) -> bytes | None:
     if isinstance(b64, str) and b64.strip():
         return _b64_bytes(b64.strip(), policy.fetch.max_bytes)
     if not (isinstance(link, str) and link.strip()):
@@ -93,29 +131,47 @@ def _source_bytes(link: str | None, b64: str | None, policy: ImagePolicy) -> byt
     link = link.strip()
     scheme = urllib.parse.urlsplit(link).scheme.lower()
     if scheme in ("http", "https"):
-        return guarded_get(link, policy)
+        return guarded_get(link, policy, deadline)
     if _is_local(link):
         return _local_bytes(link, policy)
     raise Refused("scheme_refused", scheme)
 
 
 def load_image_source(
-    link: str | None = None, b64: str | None = None, *, policy: ImagePolicy
+    link: str | None = None,
+    b64: str | None = None,
+    *,
+    policy: ImagePolicy,
+    deadline: float | None = None,
+    pixel_budget: PixelBudget | None = None,
+    decoder: ImageDecoder | None = None,
 ) -> ImageOutcome:
     """The image a serving row refers to, prepared exactly as the training cache would hold it
     (same validation, same downscale and re-encoding), with its status.
 
     Never raises: an absent, refused or broken image sends the row down the text-only path, as
     in training, and the status says which. `b64` wins over `link` when both are given (the
-    bytes are already here).
+    bytes are already here). `deadline` (a `time.monotonic()` value, the request's) ends a
+    link's fetch early: a request the server gave up on stops fetching for it.
+    `pixel_budget` (shared by a request's rows) is charged the image's header size before it is
+    decoded: an image past it is not decoded (`pixel_budget`). `decoder` decodes (served
+    requests: time-bounded worker processes); without one, this thread decodes.
     """
     try:
-        data = _source_bytes(link, b64, policy)
+        data = _source_bytes(link, b64, policy, deadline)
         if data is None:
             return ImageOutcome(None, STATUS_NO_IMAGE)
-        prepared = prepare_image(data, policy.fetch)
-        image = Image.open(io.BytesIO(prepared.data))
-        image.load()
+        if pixel_budget is not None:
+            pixels = _header_pixels(data)
+            if pixels is not None and not pixel_budget.take(pixels):
+                return ImageOutcome(None, STATUS_PIXEL_BUDGET)
+        if decoder is not None:
+            # a row waits for a free decoder at most one decode's time (then `decode_busy`):
+            # decoders kept busy by other requests' bombs must not hold it to its deadline
+            wait_until = time.monotonic() + 2 * decoder.seconds
+            image = decoder.decode(data, policy.fetch, min(wait_until, deadline or wait_until))
+        else:
+            image = decoded_image(data, policy.fetch)
         return ImageOutcome(image, STATUS_OK)
     except Refused as refused:
         log.info("image not used (%s): %s", link or "b64", refused)
@@ -128,25 +184,44 @@ def load_image_source(
 
 
 def load_images(
-    links: Sequence[str | None], b64s: Sequence[str | None], policy: ImagePolicy
+    links: Sequence[str | None],
+    b64s: Sequence[str | None],
+    policy: ImagePolicy,
+    *,
+    deadline: float | None = None,
+    pixel_budget: PixelBudget | None = None,
+    decoder: ImageDecoder | None = None,
 ) -> list[ImageOutcome]:
     """`load_image_source` for every row, in row order.
 
     Rows with a source are loaded concurrently (at most `fetch.per_host` at a time: serving's
     links all go to the few allow-listed hosts), so a batch waits about as long as its slowest
-    image rather than the sum of them; each fetch is bounded by the policy's deadline.
+    image rather than the sum of them; each fetch is bounded by the policy's deadline and by
+    `deadline` (the request's). No more workers start than there are rows with a source, nor
+    than the process-wide `policy.max_fetches` (more could only wait for a fetch slot).
     """
     pairs = list(zip(links, b64s, strict=True))
 
     def load(pair: tuple[str | None, str | None]) -> ImageOutcome:
-        return load_image_source(pair[0], pair[1], policy=policy)
+        return load_image_source(
+            pair[0],
+            pair[1],
+            policy=policy,
+            deadline=deadline,
+            pixel_budget=pixel_budget,
+            decoder=decoder,
+        )
 
-    with_source = sum(1 for link, b64 in pairs if link or b64)
-    if with_source <= 1:
+    sourced = [i for i, (link, b64) in enumerate(pairs) if _has_source(link, b64)]
+    if len(sourced) <= 1:
         return [load(pair) for pair in pairs]
-    workers = max(1, min(policy.fetch.per_host, with_source))
+    outcomes = [ImageOutcome(None, STATUS_NO_IMAGE)] * len(pairs)
+    workers = max(1, min(policy.fetch.per_host, policy.max_fetches, len(sourced)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pricefuse-serve-img") as pool:
-        return list(pool.map(load, pairs))
+        loaded = pool.map(load, [pairs[i] for i in sourced])
+        for i, outcome in zip(sourced, loaded, strict=True):
+            outcomes[i] = outcome
+    return outcomes
 
 
 def image_columns(outcomes: Sequence[ImageOutcome]) -> dict[str, list]:

@@ -11,7 +11,7 @@ import io
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pricefuse.core.config import FetchConfig
 
@@ -29,12 +29,26 @@ _EXTENSIONS = {
 }
 _JPEG_QUALITY = 90
 
-RejectKind = Literal["too_large", "not_image", "too_many_pixels", "undecodable"]
+# decode_timeout / decode_busy come only from `decode_pool` (a decode cut at its time limit; no
+# decoder free before the request's deadline): they say nothing certain about the bytes.
+RejectKind = Literal[
+    "too_large",
+    "not_image",
+    "too_many_pixels",
+    "too_many_scans",
+    "undecodable",
+    "decode_timeout",
+    "decode_busy",
+]
+# A progressive JPEG has about ten scans; each scan makes the decoder walk every block of the
+# image again, and an empty one costs ~60 bytes: 600 scans over 40 Mpx are 38 KB and ~20 s of
+# CPU. More SOS markers than this (an EXIF thumbnail's included) is refused before decoding.
+MAX_JPEG_SCANS = 32
 
 
 class ImageRejected(ValueError):
     """Bytes that are not an acceptable image; `kind` says why (only `undecodable` may be a
-    transport truncation worth retrying)."""
+    transport truncation worth retrying; `decode_busy` is load, not the image)."""
 
     def __init__(self, kind: RejectKind, message: str) -> None:
         super().__init__(message)
@@ -85,6 +99,13 @@ def _open_checked(data: bytes, cfg: FetchConfig, content_type: str) -> Image.Ima
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageRejected("undecodable", f"invalid image size {width}x{height}")
+    if image.format in ("JPEG", "MPO"):
+        # 0xFF 0xDA is always a marker: entropy-coded data stuffs every 0xFF with 0x00
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise ImageRejected(
+                "too_many_scans", f"{scans} JPEG scans; at most {MAX_JPEG_SCANS} are decoded"
+            )
     if width * height > cfg.max_pixels:
         raise ImageRejected(
             "too_many_pixels",
@@ -173,3 +194,28 @@ def prepare_image(data: bytes, cfg: FetchConfig, content_type: str = "") -> Prep
             options["exif"] = exif  # keeps the orientation tag consistent with the original
     image.save(out, format=target, **options)
     return PreparedImage(out.getvalue(), _EXTENSIONS[target], image.size, source_size, target)
+
+
+def encoder_pixels(image: Image.Image) -> Image.Image:
+    """`image` as the image encoders read it: EXIF orientation applied, then RGB — or RGBA where
+    it has transparency (which the encoder puts on white). `pricefuse.features.image` starts
+    from this, so an image flattened here (in a decoder process) and one flattened there give
+    the same pixels."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        return image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def decoded_image(data: bytes, cfg: FetchConfig) -> Image.Image:
+    """`data` validated and prepared as the image cache would hold it (`prepare_image`), then
+    decoded to `encoder_pixels`: what serving prices a row's image with.
+
+    Why the pixels and not the prepared bytes: an image within `max_side` keeps its original
+    bytes, so whoever decodes those again pays an attacker's decoding cost again; pixels of at
+    most `max_side` squared cost nothing more to use.
+    """
+    prepared = prepare_image(data, cfg)
+    with Image.open(io.BytesIO(prepared.data), formats=ALLOWED_FORMATS) as image:
+        _load(image)
+        return encoder_pixels(image)

@@ -11,8 +11,9 @@ just like a unit only seen at serving time, so out-of-fold SMAPE is an honest es
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -123,11 +124,15 @@ class SplitData:
         return target
 
 
-def numeric_matrix(data: SplitData, extra: Sequence[str] = ()) -> np.ndarray:
+def numeric_matrix(
+    data: SplitData, extra: Sequence[str] = (), columns: Mapping[str, np.ndarray] | None = None
+) -> np.ndarray:
     """Raw numeric features (n, len(NUMERIC_FEATURES) + len(extra)), NaN where a value is missing.
 
     `extra` names further numeric columns of the parsed table taken as they are (the neighbour
-    features, already in log-price units); a column the table lacks is all NaN.
+    features, already in log-price units); a column the table lacks is all NaN. `columns`:
+    some of them already as float64 arrays (a MemberBatch's `arrays`, the same numbers as the
+    table's columns), taken from there.
 
     Counts and sizes enter in log space: price scales roughly multiplicatively with them.
     `has_image` comes from the embedding mask, not the parsed column, because the mask is what
@@ -136,9 +141,16 @@ def numeric_matrix(data: SplitData, extra: Sequence[str] = ()) -> np.ndarray:
     f = data.frame
 
     def col(name: str) -> np.ndarray:
-        return pd.to_numeric(f[name], errors="coerce").to_numpy(dtype=np.float64)
+        column = f[name]
+        # Already numbers (what parsing writes): `to_numeric` would return them unchanged, at
+        # several times the cost on a served row; NumPy dtypes skip pandas' NA handling too.
+        if isinstance(column.dtype, np.dtype) and column.dtype.kind in "biuf":
+            return column.to_numpy().astype(np.float64)
+        if pd.api.types.is_numeric_dtype(column.dtype):
+            return column.to_numpy(dtype=np.float64, na_value=np.nan)
+        return pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64)
 
-    columns = [
+    matrix = [
         col("log_quantity"),
         np.log1p(np.clip(col("pack"), 1.0, None)),
         np.log1p(np.clip(col("value"), 0.0, None)),
@@ -148,8 +160,12 @@ def numeric_matrix(data: SplitData, extra: Sequence[str] = ()) -> np.ndarray:
         np.log1p(np.clip(col("n_bullets"), 0.0, None)),
         np.log1p(np.clip(col("text_len"), 0.0, None)),
     ]
-    columns += [col(c) if c in f.columns else np.full(len(f), np.nan) for c in extra]
-    return np.column_stack(columns)
+    given = columns or {}
+    matrix += [
+        given[c] if c in given else col(c) if c in f.columns else np.full(len(f), np.nan)
+        for c in extra
+    ]
+    return np.column_stack(matrix)
 
 
 def to_tensor(array: Any, dtype: type[np.generic]) -> torch.Tensor:
@@ -260,16 +276,27 @@ class InputSpec:
         """Vocabulary size including <unk> at index 0."""
         return len(self.units) + 1
 
+    @functools.cached_property
+    def _unit_lookup(self) -> dict[str, int]:
+        """Unit -> index, built once per spec (not per call: every served row asks)."""
+        return {u: i + 1 for i, u in enumerate(self.units)}
+
     def unit_index(self, units: pd.Series | Sequence[Any]) -> np.ndarray:
         """Index per row; unseen, rare or missing units map to <unk> (0)."""
-        lookup = {u: i + 1 for i, u in enumerate(self.units)}
+        lookup = self._unit_lookup
         return np.array(
             [lookup.get(u, 0) if isinstance(u, str) else 0 for u in units], dtype=np.int64
         )
 
-    def build(self, data: SplitData, raw_numeric: np.ndarray | None = None) -> FusionInputs:
-        """`raw_numeric` is `numeric_matrix(data, self.extra_numeric)` when the caller already
-        has it (fold models of one run share it; it has no fitted state)."""
+    def build(
+        self,
+        data: SplitData,
+        raw_numeric: np.ndarray | None = None,
+        units: Sequence[Any] | None = None,
+    ) -> FusionInputs:
+        """`raw_numeric` is `numeric_matrix(data, self.extra_numeric)` and `units` the unit
+        column as a list when the caller already has them (fold models of one run share both;
+        neither has fitted state)."""
         if data.text.shape[1] != self.text_dim or data.image.shape[1] != self.image_dim:
             raise ValueError(
                 f"embedding dims (text {data.text.shape[1]}, image {data.image.shape[1]}) differ "
@@ -281,7 +308,7 @@ class InputSpec:
         numeric = (raw_numeric - np.asarray(self.numeric_mean)) / np.asarray(self.numeric_std)
         numeric = np.nan_to_num(numeric, nan=0.0, posinf=0.0, neginf=0.0)
         text, image, mask = data.text, data.image, np.asarray(data.image_mask, dtype=bool)
-        unit = self.unit_index(data.frame[UNIT_COLUMN])
+        unit = self.unit_index(data.frame[UNIT_COLUMN] if units is None else units)
         # A left-out modality becomes a constant input: the head cannot learn anything from it,
         # which is what the ablation measures (and serving repeats).
         if "text" not in self.modalities:

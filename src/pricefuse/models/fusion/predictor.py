@@ -13,7 +13,7 @@ choice) loads as the gated residual head it is.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,13 +23,25 @@ import pandas as pd
 import torch
 
 from pricefuse.models.fusion.heads import FusionHeadBase, HeadArch, build_head
-from pricefuse.models.fusion.inputs import FusionInputs, InputSpec, SplitData, numeric_matrix
+from pricefuse.models.fusion.heads.dcn import DcnHead, StackedDcn
+from pricefuse.models.fusion.inputs import (
+    UNIT_COLUMN,
+    FusionInputs,
+    InputSpec,
+    SplitData,
+    numeric_matrix,
+)
 
 if TYPE_CHECKING:
     from pricefuse.pipeline.members import MemberBatch
 
 # Rows per forward pass at prediction time: bounds memory for large test sets.
 PREDICT_BATCH = 8192
+# Inputs of at most this many rows run the fold heads stacked (one batched forward for all
+# folds, `StackedDcn`) where the head allows it: what a served request of a few rows pays for.
+# Larger inputs run head by head: their per-operation costs are spread over many rows, and
+# stacking would hold every fold's copy of the inputs at once.
+STACKED_MAX_ROWS = 64
 MANIFEST = "predictor.json"
 FORMAT_VERSION = 2
 # Manifests this version reads: 1 = gated residual only (no `arch` name in the fold arch).
@@ -79,6 +91,19 @@ class FusionPredictor:
         if not folds:
             raise ValueError("a FusionPredictor needs at least one fold model")
         self.folds = list(folds)
+        self._stacked: StackedDcn | None = None
+
+    def stacked(self) -> StackedDcn | None:
+        """The fold heads as one `StackedDcn`, when they are `dcn` heads in eval mode (other
+        heads, or a head put in training mode, run one by one). Built on first use and kept
+        while the heads are unchanged in eval mode; it copies their weights."""
+        heads = [fold.head for fold in self.folds]
+        if len(heads) < 2 or not all(type(h) is DcnHead and not h.training for h in heads):
+            return None
+        if self._stacked is None or self._stacked_of != [id(h) for h in heads]:
+            self._stacked = StackedDcn(heads)
+            self._stacked_of = [id(h) for h in heads]
+        return self._stacked
 
     def predict(
         self,
@@ -86,22 +111,41 @@ class FusionPredictor:
         text_emb: np.ndarray,
         image_emb: np.ndarray,
         image_mask: np.ndarray,
+        columns: Mapping[str, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """log1p price per row (fold-averaged, each fold's prediction clipped to its range)."""
+        """log1p price per row (fold-averaged, each fold's prediction clipped to its range).
+        `columns`: numeric columns of `parsed` already at hand as float64 arrays (a
+        MemberBatch's `arrays`; see `numeric_matrix`)."""
         data = SplitData(parsed, text_emb, image_emb, image_mask)
         # The raw numeric features have no fitted state: built once per column set, not per fold.
         raw: dict[tuple[str, ...], np.ndarray] = {}
-        predictions = []
+        units = data.frame[UNIT_COLUMN].tolist()
+        inputs = []
         for fold in self.folds:
             extra = fold.spec.extra_numeric
             if extra not in raw:
-                raw[extra] = numeric_matrix(data, extra)
-            predictions.append(fold.predict_inputs(fold.spec.build(data, raw[extra])))
+                raw[extra] = numeric_matrix(data, extra, columns)
+            inputs.append(fold.spec.build(data, raw[extra], units))
+        stacked = self.stacked() if 0 < len(data) <= STACKED_MAX_ROWS else None
+        if stacked is not None:
+            per_fold = [i.features() for i in inputs]
+            features = [torch.stack(parts) for parts in zip(*per_fold, strict=True)]
+            out = stacked(*features).numpy().astype(np.float64)
+            predictions = [fold.spec.clip(out[k]) for k, fold in enumerate(self.folds)]
+        else:
+            predictions = [
+                fold.predict_inputs(i) for fold, i in zip(self.folds, inputs, strict=True)
+            ]
         return np.mean(predictions, axis=0)
 
     def predict_members(self, batch: MemberBatch) -> dict[str, np.ndarray]:
         """The registry's serving interface (see pricefuse.pipeline.members)."""
-        return {"fusion": self.predict(batch.parsed, batch.text, batch.image, batch.image_mask)}
+        # the parsed fields from the table, the joined numbers as the arrays they are
+        return {
+            "fusion": self.predict(
+                batch.base, batch.text, batch.image, batch.image_mask, columns=batch.arrays
+            )
+        }
 
     def save(self, model_dir: Path | str) -> Path:
         """Write `predictor.json` (specs and architecture, readable) and `fold_k.pt` (weights).

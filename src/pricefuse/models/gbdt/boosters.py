@@ -290,13 +290,22 @@ class XGBoostBooster(_NativeBooster):
         the booster keeps the categorical feature types it was trained with) without building
         one, which was half of a served row's XGBoost time. The names are checked here, as the
         DMatrix path checked them."""
-        expected = tuple(self.native.feature_names or ())
+        expected = self._feature_names()
         if expected and tuple(x.names) != expected:
             raise ValueError(
                 f"XGBoost model expects {len(expected)} features {expected[:3]}..., got "
                 f"{len(x.names)} {tuple(x.names)[:3]}..."
             )
         return np.asarray(self.native.inplace_predict(x.values), dtype=np.float64)
+
+    def _feature_names(self) -> tuple[str, ...]:
+        """The model's feature names, read from the library once (each read is a C call that
+        copies every name)."""
+        names = getattr(self, "_names", None)
+        if names is None or names[0] is not self._model:
+            names = (self._model, tuple(self.native.feature_names or ()))
+            self._names = names
+        return names[1]
 
     def feature_importance(self) -> np.ndarray:
         scores = self.native.get_score(importance_type="total_gain")
@@ -363,7 +372,12 @@ class CatBoostBooster(_NativeBooster):
         return rows
 
     def predict(self, x: FeatureMatrix) -> np.ndarray:
-        return np.asarray(self.native.predict(self._rows(x)), dtype=np.float64)
+        # A few rows on one thread, as LightGBM and XGBoost: the same predictions without
+        # waking a pool for a handful of rows.
+        threads = 1 if len(x.values) <= SMALL_PREDICT_ROWS else -1
+        return np.asarray(
+            self.native.predict(self._rows(x), thread_count=threads), dtype=np.float64
+        )
 
     def feature_importance(self) -> np.ndarray:
         return _normalised(self.native.get_feature_importance())

@@ -16,9 +16,17 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.features.tabular import Embeddings, TabularFeaturizer
-from pricefuse.models.gbdt.boosters import Booster, booster_class
+from pricefuse.models.gbdt.boosters import SMALL_PREDICT_ROWS, Booster, booster_class
+from pricefuse.models.gbdt.merged import MergedFolds, merge_folds
 
 MANIFEST = "gbdt.json"
+# Inputs of at most this many rows go through the merged fold models: one library call per
+# booster instead of one per fold, which is what a request of a few rows pays for (one row:
+# LightGBM 0.17 against 0.39 ms, XGBoost 1.7 against 2.3 ms, idle 2-core machine). Larger inputs
+# call the fold models one by one: their fixed costs are spread over many rows there, and from
+# about 64 rows LightGBM's merged multiclass model is the slower. Both give the same
+# predictions (tests/unit/test_gbdt.py).
+MERGED_MAX_ROWS = 16
 
 
 class GbdtPredictor:
@@ -44,6 +52,7 @@ class GbdtPredictor:
         self.featurizers = list(featurizers)
         self.models = {name: list(fold_models) for name, fold_models in models.items()}
         self.clip = (float(clip[0]), float(clip[1]))
+        self._merged: dict[str, MergedFolds | None] | None = None
 
     @property
     def boosters(self) -> tuple[str, ...]:
@@ -55,21 +64,50 @@ class GbdtPredictor:
         text_emb: np.ndarray,
         image_emb: np.ndarray,
         image_mask: np.ndarray,
+        columns: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Booster name -> log1p price per row of `parsed_df` (embeddings aligned by row)."""
+        """Booster name -> log1p price per row of `parsed_df` (embeddings aligned by row).
+        `columns`: numeric columns of `parsed_df` already at hand as float64 arrays (a
+        MemberBatch's `arrays`), taken as they are instead of read from the table."""
         emb = Embeddings(text_emb, image_emb, np.asarray(image_mask, dtype=bool))
         lo, hi = self.clip
-        sums = {name: np.zeros(len(parsed_df)) for name in self.models}
-        shared: dict[str, np.ndarray] = {}  # columns every fold's featurizer computes alike
-        for k, featurizer in enumerate(self.featurizers):
-            x = featurizer.transform(parsed_df, emb, shared)
-            for name, fold_models in self.models.items():
-                sums[name] += np.clip(fold_models[k].predict(x) + self.offsets[k], lo, hi)
-        return {name: total / len(self.featurizers) for name, total in sums.items()}
+        n = len(parsed_df)
+        # columns every fold's featurizer computes alike (TabularFeaturizer.transform)
+        shared: dict[str, Any] = dict(columns or {})
+        xs = [featurizer.transform(parsed_df, emb, shared) for featurizer in self.featurizers]
+        merged = self.merged_folds() if n <= MERGED_MAX_ROWS else {}
+        side_by_side = None
+        out = {}
+        for name, fold_models in self.models.items():
+            if merged.get(name) is not None:
+                if side_by_side is None:
+                    side_by_side = np.hstack([x.values for x in xs])
+                raw = merged[name].predict(side_by_side, small=n <= SMALL_PREDICT_ROWS)
+                folds = [raw[:, k] for k in range(len(xs))]
+            else:
+                folds = [model.predict(x) for model, x in zip(fold_models, xs, strict=True)]
+            total = np.zeros(n)
+            for pred, offset in zip(folds, self.offsets, strict=True):
+                total += np.clip(pred + offset, lo, hi)  # each fold clipped, as training did
+            out[name] = total / len(self.featurizers)
+        return out
+
+    def merged_folds(self) -> dict[str, MergedFolds | None]:
+        """Per booster, its fold models merged into one native model (pricefuse.models.gbdt.
+        merged; None where not merged), built on first use and kept: `load` builds them, so a
+        served model pays the seconds of merging at start-up, never on a request."""
+        if self._merged is None:
+            width = len(self.featurizers[0].names)
+            self._merged = {
+                name: merge_folds(name, [model.native for model in fold_models], width)
+                for name, fold_models in self.models.items()
+            }
+        return self._merged
 
     def predict_members(self, batch: Any) -> dict[str, np.ndarray]:
         """The registry's serving interface (see pricefuse.pipeline.members)."""
-        return self.predict(batch.parsed, batch.text, batch.image, batch.image_mask)
+        # the parsed fields from the table, the joined numbers as the arrays they are
+        return self.predict(batch.base, batch.text, batch.image, batch.image_mask, batch.arrays)
 
     def save(self, model_dir: Path | str) -> Path:
         model_dir = Path(model_dir)
@@ -114,4 +152,6 @@ class GbdtPredictor:
             name: [booster_class(name).load(model_dir / rel) for rel in relatives]
             for name, relatives in manifest["models"].items()
         }
-        return cls(featurizers, models, tuple(manifest["clip"]), manifest["offsets"])
+        predictor = cls(featurizers, models, tuple(manifest["clip"]), manifest["offsets"])
+        predictor.merged_folds()
+        return predictor

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pricefuse.core.config import LinearConfig
 from pricefuse.features.ngrams import (
+    TfidfRows,
     fit_vectorizer,
     load_vectorizer,
     make_vectorizer,
@@ -44,6 +45,7 @@ class LinearPredictor:
         self.coef = np.asarray(coef, dtype=np.float64)
         self.intercept = float(intercept)
         self.clip = (float(clip[0]), float(clip[1]))
+        self._rows: dict[str, TfidfRows] = {}  # per fitted vectorizer, made on first transform
 
     @staticmethod
     def _vectorizers(cfg: LinearConfig) -> dict[str, object]:
@@ -55,11 +57,21 @@ class LinearPredictor:
         }
 
     def transform(self, parsed: pd.DataFrame) -> Any:
-        """The rows' TF-IDF features (a scipy sparse matrix, word then char n-grams)."""
+        """The rows' TF-IDF features (a scipy CSR matrix, word then char n-grams).
+
+        Each vectorizer transforms through `TfidfRows` (its own result, without scikit-learn's
+        per-call checks), and the blocks join in one CSR stack: the same matrix as the
+        vectorizers' own `transform` stacked through COO, at a fraction of a served row's cost.
+        """
         from scipy import sparse
 
         texts = text_view(parsed, self.view)
-        return sparse.hstack([v.transform(texts) for v in self.vectorizers.values()]).tocsr()
+        blocks = []
+        for name, vectorizer in self.vectorizers.items():
+            if name not in self._rows:
+                self._rows[name] = TfidfRows(vectorizer)
+            blocks.append(self._rows[name].transform(texts))
+        return sparse.hstack(blocks, format="csr")
 
     @classmethod
     def fit(cls, cfg: LinearConfig, parsed: pd.DataFrame, y: np.ndarray) -> LinearPredictor:
@@ -82,7 +94,7 @@ class LinearPredictor:
 
     def predict_members(self, batch: MemberBatch) -> dict[str, np.ndarray]:
         """The registry's serving interface (see pricefuse.pipeline.members)."""
-        return {MEMBER: self.predict(batch.parsed)}
+        return {MEMBER: self.predict(batch.base)}  # text fields only: never the joined columns
 
     def save(self, directory: Path | str) -> Path:
         directory = Path(directory)

@@ -143,10 +143,15 @@ def _block_rows(n_keys: int, itemsize: int) -> int:
 def _top_k(queries: Any, keys_t: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(similarities, key indices) of one block of queries, as scikit-learn's brute-force cosine
     `kneighbors` computes them: `cosine_distances` then `_kneighbors_reduce_func`."""
-    from sklearn.preprocessing import normalize
     from sklearn.utils.sparsefuncs import sparse_matmul_to_dense
+    from sklearn.utils.sparsefuncs_fast import inplace_csr_row_normalize_l2
 
-    distance = sparse_matmul_to_dense(normalize(queries, copy=True), keys_t)
+    # `normalize(queries, copy=True)` without its input checks (a served row paid more for
+    # them than for the product): the CSR float rows `search_sparse` hands over, copied and
+    # normalised by the same routine.
+    queries = queries.copy()
+    inplace_csr_row_normalize_l2(queries)
+    distance = sparse_matmul_to_dense(queries, keys_t)
     distance *= -1
     distance += 1
     np.clip(distance, 0.0, 2.0, out=distance)

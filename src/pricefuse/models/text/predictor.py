@@ -183,4 +183,4 @@ class TextPredictor:
 
     def predict_members(self, batch: MemberBatch) -> dict[str, np.ndarray]:
         """The registry's serving interface (see pricefuse.pipeline.members)."""
-        return {MEMBER: self.predict(batch.parsed)}
+        return {MEMBER: self.predict(batch.base)}  # text fields only: never the joined columns

@@ -67,3 +67,116 @@ class DcnHead(FusionHeadBase):
         for layer in self.cross:
             x = layer(x0, x)
         return self.out(torch.cat([x, self.deep(x0)], dim=-1)).squeeze(-1)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.detach() for t in tensors])
+
+
+class _StackedLinear:
+    """K `nn.Linear` layers of one shape as (K, out, in) weights: one batched product."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        self.weight_t = _stack([layer.weight for layer in layers]).transpose(1, 2).contiguous()
+        self.bias = _stack([layer.bias for layer in layers]).unsqueeze(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight_t)
+
+
+class _StackedDice:
+    """K `Dice` activations (eval mode: their BatchNorm is its running statistics)."""
+
+    def __init__(self, layers: list[Dice]) -> None:
+        self.mean = _stack([layer.norm.running_mean for layer in layers]).unsqueeze(1)
+        var = _stack([layer.norm.running_var for layer in layers]).unsqueeze(1)
+        self.invstd = torch.rsqrt(var + layers[0].norm.eps)
+        self.alpha = _stack([layer.alpha for layer in layers]).unsqueeze(1)
+
+    def __call__(self, s: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid((s - self.mean) * self.invstd)
+        return p * s + (1.0 - p) * self.alpha * s
+
+
+class StackedDcn:
+    """The fold heads of one `dcn` run evaluated together, in eval mode: inputs stacked along a
+    first fold axis (K, n, ...), each layer one batched product over the K folds' weights.
+
+    Why: a served row ran K heads of ~45 small operations each, and the fixed cost of each
+    operation, not the arithmetic, was the fusion member's time; stacked, the row costs ~45
+    operations. The arithmetic is DcnHead's (plus FusionHeadBase's input standardisation,
+    image mask and readout) on the same weights, so each fold's output equals its head's to
+    float rounding (batched instead of single products; tests/unit/test_fusion_heads.py).
+    Only for heads in eval mode; the unit embeddings (one vocabulary per fold) share one table
+    with per-fold offsets.
+    """
+
+    def __init__(self, heads: list[DcnHead]) -> None:
+        first = heads[0]
+        if not all(isinstance(h, DcnHead) and not h.training for h in heads):
+            raise ValueError("StackedDcn takes DcnHead instances in eval mode")
+        comparable = {**first.arch.to_dict(), "n_units": None}
+        if any({**h.arch.to_dict(), "n_units": None} != comparable for h in heads):
+            raise ValueError("the heads differ in more than their unit vocabularies")
+        self.k_folds = len(heads)
+        self.output = first.arch.output
+        self.joint_dim = first.arch.joint_dim
+        buffers = ["target_mean", "target_std", "text_mean", "text_std", "image_mean"]
+        buffers += ["image_std"] + (["target_lo", "target_hi"] if self.output == "sigmoid" else [])
+        buffers += ["joint_mean", "joint_std"] if self.joint_dim else []
+        self.buffers = {
+            name: _stack([getattr(h, name) for h in heads]).unsqueeze(1) for name in buffers
+        }
+        tables = [h.unit_embedding.weight.detach() for h in heads]
+        self.unit_table = torch.cat(tables)
+        sizes = torch.tensor([0] + [len(t) for t in tables[:-1]])
+        self.unit_offsets = torch.cumsum(sizes, 0).view(-1, 1)
+        self.proj = {name: _StackedLinear([h.proj[name] for h in heads]) for name in first.proj}
+        self.cross = [
+            _StackedLinear([h.cross[i].linear for h in heads]) for i in range(len(first.cross))
+        ]
+        self.deep = [
+            (
+                _StackedLinear([h.deep[i][0] for h in heads]),
+                _StackedDice([h.deep[i][1] for h in heads]),
+            )
+            for i in range(len(first.deep))
+        ]
+        self.out = _StackedLinear([h.out for h in heads])
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        text: torch.Tensor,
+        image: torch.Tensor,
+        image_mask: torch.Tensor,
+        unit: torch.Tensor,
+        numeric: torch.Tensor,
+        joint: torch.Tensor,
+    ) -> torch.Tensor:
+        """(K, n) log1p prices from the K folds' inputs stacked as (K, n, ...)."""
+        b = self.buffers
+        mask = image_mask.bool().unsqueeze(-1)
+        parts = {
+            "text": (text - b["text_mean"]) / b["text_std"],
+            "image": torch.where(mask, (image - b["image_mean"]) / b["image_std"], 0.0),
+            "unit": self.unit_table[unit + self.unit_offsets],
+            "numeric": numeric,
+        }
+        if self.joint_dim:
+            parts["joint"] = (joint - b["joint_mean"]) / b["joint_std"]
+        projected = []
+        for name, x in parts.items():
+            y = self.proj[name](x)
+            projected.append(torch.where(mask, y, 0.0) if name == "image" else y)
+        x0 = torch.cat(projected, dim=-1)
+        x = x0
+        for linear in self.cross:
+            x = x0 * linear(x) + x
+        deep = x0
+        for linear, dice in self.deep:
+            deep = dice(linear(deep))
+        raw = self.out(torch.cat([x, deep], dim=-1)).squeeze(-1)
+        if self.output == "sigmoid":  # the scalar buffers are (K, 1) here
+            return b["target_lo"] + (b["target_hi"] - b["target_lo"]) * torch.sigmoid(raw)
+        return b["target_mean"] + b["target_std"] * raw
