@@ -324,21 +324,11 @@ def client(
 
 def tree_memory(pid: int) -> tuple[int, int, int]:
     """(sum of VmRSS, largest VmHWM, processes) over `pid` and its descendants, in bytes."""
-    from tests.support import process_tree
+    from tests.support import tree_status
 
-    total = largest = count = 0
-    for member in process_tree(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:  # it exited meanwhile
-            continue
-        count += 1
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-            elif line.startswith("VmHWM:"):
-                largest = max(largest, int(line.split()[1]) * 1024)
-    return total, largest, count
+    processes = tree_status(pid)
+    rss = sum(process.get("VmRSS", 0) for process in processes)
+    return rss, max((process.get("VmHWM", 0) for process in processes), default=0), len(processes)
 
 
 class MemorySampler:

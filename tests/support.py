@@ -169,22 +169,32 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
+def tree_status(pid: int) -> list[dict[str, int]]:
+    """The memory lines (`Vm*`, in bytes) of /proc/<p>/status for each process of `pid`'s tree
+    still running; a process that exits meanwhile is left out."""
+    found = []
+    for member in process_tree(pid):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:
+            continue
+        found.append(
+            {
+                key: int(value.split()[0]) * 1024
+                for key, _, value in (line.partition(":") for line in status.splitlines())
+                if key.startswith("Vm")
+            }
+        )
+    return found
+
+
 def tree_peak_rss(pid: int) -> int:
     """Bytes: the sum over `pid`'s process tree of each process's peak resident set (VmHWM).
 
     An upper bound on the tree's peak (the processes need not peak at once); processes that
     already exited are not counted.
     """
-    total = 0
-    for member in process_tree(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1]) * 1024
-    return total
+    return sum(process.get("VmHWM", 0) for process in tree_status(pid))
 
 
 TCP_ESTABLISHED = "01"  # the state column of /proc/net/tcp

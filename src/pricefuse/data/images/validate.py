@@ -41,8 +41,9 @@ RejectKind = Literal[
     "decode_busy",
 ]
 # A progressive JPEG has about ten scans; each scan makes the decoder walk every block of the
-# image again, and an empty one costs ~60 bytes: 600 scans over 40 Mpx are 38 KB and ~20 s of
-# CPU. More SOS markers than this (an EXIF thumbnail's included) is refused before decoding.
+# image again, and an empty one costs ~60 bytes (tests.support.many_scan_jpeg builds such files:
+# 32 refinement scans over 40 Mpx are 2 KB and about a second of CPU). More SOS markers than this
+# (an EXIF thumbnail's included) is refused before decoding.
 MAX_JPEG_SCANS = 32
 
 
