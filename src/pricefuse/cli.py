@@ -162,9 +162,14 @@ def check_raw(paths: tuple[Path, ...]) -> None:
 def evaluate(params_path: Path, overrides: tuple[str, ...]) -> None:
     """Print the OOF SMAPE of every model and of the ensemble from the pipeline outputs."""
     params = _load(params_path, overrides)
-    from pricefuse.analysis.reports import ablation_report, oof_report
+    from pricefuse.analysis.reports import ablation_report, error_correlation_report, oof_report
+    from pricefuse.models.ensemble.diversity import format_table
 
     click.echo(oof_report(params).to_string(index=False))
+    correlation = error_correlation_report(params)
+    if correlation is not None:
+        click.echo("\ncorrelation of the members' OOF log errors (lower = they err differently):")
+        click.echo(format_table(correlation))
     ablation = ablation_report()
     if ablation is not None:
         click.echo("\nablation (OOF SMAPE %, from metrics/ablation.json):")

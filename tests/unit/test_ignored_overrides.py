@@ -24,8 +24,8 @@ from pricefuse.recording import experiments as ex
 from tests.support import PARAMS_YAML, REPO_ROOT
 
 RAW = load_raw(PARAMS_YAML)
-DEFAULT_MEMBERS = "[fusion,lightgbm,xgboost,catboost,linear,knn]"
-WITH_TEXT = "[fusion,lightgbm,xgboost,catboost,linear,knn,text]"
+DEFAULT_MEMBERS = "[fusion,lightgbm,xgboost,catboost,lightgbm_unit,lightgbm_own,linear,knn]"
+WITH_TEXT = "[fusion,lightgbm,xgboost,catboost,lightgbm_unit,lightgbm_own,linear,knn,text]"
 
 
 def ignored(*overrides: str, flags: dict[str, str] | None = None) -> list[str]:
@@ -140,6 +140,13 @@ def test_booster_and_stacker_knobs_need_their_booster_or_stacker() -> None:
         "gbdt.xgboost.max_depth=4 would change nothing: only the xgboost booster reads it and "
         "gbdt.boosters is [lightgbm] (pass --set 'gbdt.boosters=[lightgbm,xgboost]' too)"
     ]
+    # a booster trained only as a per-unit member (gbdt.unit_price_boosters) reads its section
+    only_unit = ("gbdt.boosters=[lightgbm]", "gbdt.unit_price_boosters=[xgboost]")
+    assert ignored(*only_unit, "gbdt.xgboost.max_depth=4") == []
+    # and one trained only as an own-view member (gbdt.own_view_boosters) reads it too
+    only_own = ("gbdt.boosters=[lightgbm]", "gbdt.own_view_boosters=[catboost]")
+    assert ignored(*only_own, "gbdt.catboost.depth=4") == []
+    assert ignored(*only_own, "gbdt.xgboost.max_depth=4") != []
     assert ignored("ensemble.stack_alpha=3") == []
     assert ignored("ensemble.stackers=[lightgbm]", "ensemble.stack_alpha=3") == [
         "ensemble.stack_alpha=3.0 would change nothing: only the ridge stacker reads it and "

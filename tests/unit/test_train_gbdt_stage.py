@@ -27,7 +27,9 @@ from pricefuse.recording import tracking
 from pricefuse.stages import train_gbdt
 from tests.support import project_params
 
-BOOSTERS = ["lightgbm", "xgboost", "catboost"]
+# The members: gbdt.boosters, then the per-unit member of gbdt.unit_price_boosters and the
+# own-view member of gbdt.own_view_boosters (params.yaml).
+BOOSTERS = ["lightgbm", "xgboost", "catboost", "lightgbm_unit", "lightgbm_own"]
 
 
 def write_inputs(layout: Layout, n_train: int = 150, n_test: int = 20) -> None:
@@ -159,7 +161,7 @@ def test_core_returns_what_the_stage_records_without_mlflow(params: Params, tmp_
     assert facts["boosters"] == BOOSTERS and facts["n_folds"] == 5
     assert facts["n_features"] == n_features and set(facts["smape_oof"]) == set(BOOSTERS)
     assert {name: m.flavor for name, m in record.models.items()} == {
-        f"{b}_fold0": f"mlflow.{b}" for b in BOOSTERS
+        f"{b}_fold0": f"mlflow.{b.removesuffix('_unit').removesuffix('_own')}" for b in BOOSTERS
     }
 
 

@@ -9,10 +9,13 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.core.config import Params
+from pricefuse.core.errors import StageError
 from pricefuse.core.layout import ID, LOG_PRICE, Layout
 from pricefuse.core.metrics import smape
 from pricefuse.models.ensemble.blend import to_price
-from pricefuse.pipeline.members import PRODUCERS
+from pricefuse.models.ensemble.diversity import error_correlation
+from pricefuse.pipeline.members import PRODUCERS, selected_members
+from pricefuse.pipeline.predictions import member_predictions
 
 ABLATION_FILE = "metrics/ablation.json"
 
@@ -35,6 +38,19 @@ def oof_report(params: Params) -> pd.DataFrame:
     report = pd.DataFrame(rows)
     report["smape_oof"] = report["smape_oof"].round(3)
     return report
+
+
+def error_correlation_report(params: Params) -> pd.DataFrame | None:
+    """The correlation of the OOF log errors of `ensemble.members` (None before every member's
+    predictions exist)."""
+    layout = Layout(params.data)
+    members = list(selected_members(params))
+    train = pd.read_parquet(layout.parsed("train"), columns=[ID, LOG_PRICE])
+    try:
+        oof = member_predictions(params, "train", members, train[ID])
+    except StageError:  # a member's predictions are missing: nothing to correlate yet
+        return None
+    return error_correlation(train[LOG_PRICE].to_numpy(), {m: oof[m].to_numpy() for m in members})
 
 
 def ablation_report(path: Path | str = ABLATION_FILE) -> pd.DataFrame | None:

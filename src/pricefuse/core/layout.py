@@ -78,6 +78,16 @@ class Layout:
     def image_mask(self, split: str) -> Path:
         return self.features_dir / f"{split}_image_mask.npy"
 
+    def llm_embeddings(self, split: str) -> Path:
+        """The opt-in LLM text block (standardised; absent when `embed.llm.model` is empty)."""
+        return self.features_dir / f"{split}_llm.npy"
+
+    def llm_block_files(self) -> list[Path]:
+        """The LLM block's files beside its arrays: its Standardiser's arrays (stem
+        `llm_standardiser`, pricefuse.features.llm) and `llm.json`; the served model logs them."""
+        names = ("llm_standardiser_mean.npy", "llm_standardiser_scale.npy", "llm.json")
+        return [self.features_dir / name for name in names]
+
     # Resume state of long stages. Never inside a DVC output: DVC deletes a stage's outputs
     # before running it, which would throw the finished work of a killed run away.
     @property

@@ -128,3 +128,32 @@ def coverage_lines(frame: pd.DataFrame, title: str, path: Path | str) -> Path:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     return _save_lines(fig, ax, title, path)
+
+
+def heatmap(frame: pd.DataFrame, title: str, path: Path | str) -> Path:
+    """A square table (first column: row labels) as a heatmap with its values written in."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    labels = frame.iloc[:, 0].astype(str).tolist()
+    values = frame.iloc[:, 1:].to_numpy(dtype=float)
+    size = 1.0 + 0.7 * len(labels)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), dpi=110)
+    image = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(values.shape[1]), frame.columns[1:], rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for (i, j), value in np.ndenumerate(values):
+        ax.text(
+            j,
+            i,
+            f"{value:.2f}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if value < 0.6 else "black",
+        )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

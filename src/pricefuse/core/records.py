@@ -23,7 +23,7 @@ from pricefuse.core import plots
 from pricefuse.core.layout import PLOTS_DIR
 from pricefuse.core.metrics import smape
 
-PlotKind = Literal["scatter", "curves", "bars", "deciles", "coverage"]
+PlotKind = Literal["scatter", "curves", "bars", "deciles", "coverage", "heatmap"]
 # Scatter data for DVC is a fixed, seeded sample: two experiments on the same rows then show
 # the same points, and the file stays small on 75k rows. The PNG draws every row.
 SCATTER_SAMPLE = 2000
@@ -62,6 +62,8 @@ def _draw(plot: PlotData, path: Path) -> None:
         plots.decile_lines(frame, plot.title, path)
     elif plot.kind == "coverage":
         plots.coverage_lines(frame, plot.title, path)
+    elif plot.kind == "heatmap":
+        plots.heatmap(frame, plot.title, path)
     else:
         plots.bar_chart(frame["label"].tolist(), frame["value"].tolist(), plot.title, path)
 

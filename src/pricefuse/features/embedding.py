@@ -13,6 +13,13 @@ and the chunk's ids, texts, image paths, `has_image` and image file sizes. Chunk
 path because the encoders batch within what they are given (the text encoder sorts a chunk by
 length), so a resumed run writes the same bytes as an uninterrupted one. The checkpoints are
 deleted once every split's arrays are written.
+
+The LLM text block (`embed.llm`, opt-in: pricefuse.features.llm) rides in the same chunks: a
+chunk then also holds the raw pooled vectors of its rows' `llm_texts`, and its key also covers
+those texts and the LLM settings (off, keys and files are exactly what they were without it).
+Once every split is encoded, a `Standardiser` is fitted on the train rows' raw vectors and both
+splits are written standardised as `layout.llm_embeddings(split)`, the standardiser's arrays and
+`llm.json` beside them (the served model standardises request rows with the same arrays).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from pricefuse.core.config import EmbedConfig
+from pricefuse.core.config import EmbedConfig, LlmEmbedConfig
 from pricefuse.core.device import resolve_device
 from pricefuse.core.errors import StageError
 from pricefuse.core.layout import HAS_IMAGE, ID, IMAGE_PATH, SPLITS, TEXT, Layout
@@ -39,23 +46,41 @@ from pricefuse.core.records import StageRecord
 from pricefuse.core.rows import row_hash
 from pricefuse.core.sources import ModelSourceError
 from pricefuse.features.image import ImageEncoder
+from pricefuse.features.llm import LlmEncoder, Standardiser, Variant, llm_texts, write_block_meta
 from pricefuse.features.text import TextEncoder
 from pricefuse.pipeline.inputs import load_parsed
 
 COLUMNS = (ID, TEXT, IMAGE_PATH, HAS_IMAGE)
 # The checkpoint file's layout; part of every chunk key, so a change of format recomputes.
 CHUNK_FORMAT = 1
+# What a chunk's encoding times are summed as (the llm ones stay 0 while the block is off).
+TIMINGS = ("texts", "text_seconds", "images", "image_seconds", "llm_texts", "llm_seconds")
+
+
+@dataclass(frozen=True)
+class LlmBlock:
+    """The LLM text block's encoder, the hidden states it reads and how long its load took."""
+
+    encoder: LlmEncoder
+    variant: Variant
+    load_seconds: float = 0.0
+
+    @property
+    def dim(self) -> int:
+        width = int(self.encoder.dim)
+        return 2 * width if self.variant.pooling == "mean_last" else width
 
 
 @dataclass(frozen=True)
 class Encoders:
-    """The two encoders of a run, the device they run on and the torch threads of the process
-    (recorded as a param)."""
+    """The two encoders of a run (and the LLM block's, when `embed.llm.model` is set), the device
+    they run on and the torch threads of the process (recorded as a param)."""
 
     text: TextEncoder
     image: ImageEncoder
     threads: int
     device: str = "cpu"
+    llm: LlmBlock | None = None
 
 
 def set_torch_threads() -> int:
@@ -108,7 +133,21 @@ def load_encoders(cfg: EmbedConfig) -> Encoders:
         )
     except ModelSourceError as exc:
         raise StageError(str(exc)) from exc
-    return Encoders(text, image, threads, device)
+    llm = load_llm_block(cfg.llm, device) if cfg.llm.enabled else None
+    return Encoders(text, image, threads, device, llm)
+
+
+def load_llm_block(cfg: LlmEmbedConfig, device: str) -> LlmBlock:
+    """The decoder of `embed.llm.model` on `device`, with the configured layer checked against
+    it (a StageError before any row is encoded), and its load time."""
+    started = time.perf_counter()
+    try:
+        encoder = LlmEncoder.from_ref(cfg.model, cfg.max_length, cfg.batch_size, device)
+        variant = Variant(cfg.layer, cfg.pooling)
+        encoder._layer_index(variant.layer)  # the bounds check encode() would make per batch
+    except (ModelSourceError, ValueError) as exc:
+        raise StageError(f"embed.llm: {exc}") from exc
+    return LlmBlock(encoder, variant, time.perf_counter() - started)
 
 
 def check_chunk_rows(cfg: EmbedConfig) -> int:
@@ -128,7 +167,7 @@ def vector_settings(cfg: EmbedConfig, encoders: Encoders) -> dict[str, Any]:
     import torch
 
     device = str(encoders.device)
-    return {
+    settings = {
         "format": CHUNK_FORMAT,
         "text_model": encoders.text.ref,
         "text_dim": int(encoders.text.dim),
@@ -144,6 +183,17 @@ def vector_settings(cfg: EmbedConfig, encoders: Encoders) -> dict[str, Any]:
         "image_autocast": str(getattr(encoders.image, "half", None)),
         "torch": torch.__version__,
     }
+    if encoders.llm is not None:  # only then: the keys of chunks without the block are unchanged
+        block = encoders.llm
+        settings |= {
+            "llm_model": block.encoder.ref,
+            "llm_dim": block.dim,
+            "llm_layer": block.variant.layer,
+            "llm_pooling": block.variant.pooling,
+            "llm_max_length": block.encoder.max_length,
+            "llm_batch_size": block.encoder.batch_size,
+        }
+    return settings
 
 
 def _file_size(path: str) -> int:
@@ -163,28 +213,41 @@ def chunk_key(
     texts: list[str],
     paths: list[str],
     has_image: np.ndarray,
+    llm_in: list[str] | None = None,
 ) -> str:
     """sha256 over the settings, the split and the chunk's rows: ids, texts (preprocess options
-    change them under the same ids), image paths, has_image and image file sizes."""
+    change them under the same ids), image paths, has_image and image file sizes, and the LLM
+    block's template texts when it is on."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"settings": settings, "split": split}, sort_keys=True).encode())
     digest.update(row_hash(ids).encode())
     rows = [texts, paths, [bool(h) for h in has_image], [_file_size(p) for p in paths]]
     digest.update(json.dumps(rows).encode())
+    if llm_in is not None:
+        digest.update(json.dumps(llm_in).encode())
     return digest.hexdigest()
 
 
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]
+# (text, image, mask) or, with the LLM block, (text, image, mask, raw llm vectors)
+Arrays = tuple[np.ndarray, ...]
 
 
-def save_chunk(path: Path, key: str, text: np.ndarray, image: np.ndarray, mask: np.ndarray) -> None:
+def save_chunk(
+    path: Path,
+    key: str,
+    text: np.ndarray,
+    image: np.ndarray,
+    mask: np.ndarray,
+    llm: np.ndarray | None = None,
+) -> None:
     """One finished chunk, atomically: a temp file beside `path`, synced, then one rename, so a
     kill leaves no file, the old one or the whole new one, never a half chunk under its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    extra = {} if llm is None else {"llm": llm}
     try:
         with open(tmp, "wb") as out:
-            np.savez(out, key=np.array(key), text=text, image=image, mask=mask)
+            np.savez(out, key=np.array(key), text=text, image=image, mask=mask, **extra)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -192,9 +255,12 @@ def save_chunk(path: Path, key: str, text: np.ndarray, image: np.ndarray, mask: 
         tmp.unlink(missing_ok=True)
 
 
-def load_chunk(path: Path, key: str, rows: int, dims: tuple[int, int]) -> Arrays | None:
-    """(text, image, mask) of the finished chunk at `path`, or None when it is absent, unreadable,
-    of another key or of another shape (then the chunk is computed again)."""
+def load_chunk(
+    path: Path, key: str, rows: int, dims: tuple[int, int], llm_dim: int | None = None
+) -> Arrays | None:
+    """(text, image, mask), and the raw llm vectors when `llm_dim` is given, of the finished
+    chunk at `path`, or None when it is absent, unreadable, of another key or of another shape
+    (then the chunk is computed again)."""
     if not path.is_file():
         return None
     try:
@@ -202,11 +268,16 @@ def load_chunk(path: Path, key: str, rows: int, dims: tuple[int, int]) -> Arrays
             if str(stored["key"]) != key:
                 return None
             text, image, mask = stored["text"], stored["image"], stored["mask"]
+            llm = stored["llm"] if llm_dim is not None else None
     except Exception:  # a torn or foreign file: recompute rather than crash
         return None
     if text.shape != (rows, dims[0]) or image.shape != (rows, dims[1]) or mask.shape != (rows,):
         return None
-    return text, image, mask
+    if llm is None:
+        return text, image, mask
+    if llm.shape != (rows, llm_dim):
+        return None
+    return text, image, mask, llm
 
 
 def clear_checkpoints(layout: Layout) -> None:
@@ -220,9 +291,10 @@ def clear_checkpoints(layout: Layout) -> None:
 
 
 def embed_chunk(
-    texts: list[str], paths: list[str], encoders: Encoders
+    texts: list[str], paths: list[str], encoders: Encoders, llm_in: list[str] | None = None
 ) -> tuple[Arrays, dict[str, float]]:
-    """((text_emb, image_emb, image_mask), timings) of one chunk's rows, in their order.
+    """((text_emb, image_emb, image_mask), timings) of one chunk's rows, in their order; with the
+    LLM block the raw (unstandardised) vectors of `llm_in` (the rows' `llm_texts`) come fourth.
 
     A row whose image cannot be read gets a zero vector and mask False, so a consumer can tell
     "no image" from "an image that embeds to zeros".
@@ -239,7 +311,15 @@ def embed_chunk(
         "images": float(sum(1 for p in paths if p)),
         "image_seconds": image_seconds,
     }
-    return (text_emb, image_emb, image_mask), timings
+    arrays: Arrays = (text_emb, image_emb, image_mask)
+    if encoders.llm is not None:
+        if llm_in is None or len(llm_in) != len(texts):
+            raise ValueError("the LLM block needs one template text per row of the chunk")
+        start = time.perf_counter()
+        (llm_emb,) = encoders.llm.encoder.encode(llm_in, [encoders.llm.variant], progress=True)
+        timings |= {"llm_texts": float(len(llm_in)), "llm_seconds": time.perf_counter() - start}
+        arrays = (*arrays, llm_emb)
+    return arrays, timings
 
 
 @dataclass
@@ -253,6 +333,7 @@ class SplitEmbedding:
     timings: dict[str, float]
     computed: int
     reused: int
+    llm: np.ndarray | None = None  # the LLM block's raw vectors (None: the block is off)
 
 
 def embed_split(
@@ -274,32 +355,82 @@ def embed_split(
     text_emb = np.zeros((n, dims[0]), dtype=np.float32)
     image_emb = np.zeros((n, dims[1]), dtype=np.float32)
     mask = np.zeros(n, dtype=bool)
+    llm_in = llm_texts(table) if encoders.llm is not None else None
+    llm_dim = encoders.llm.dim if encoders.llm is not None else None
+    llm_emb = np.zeros((n, llm_dim), dtype=np.float32) if llm_dim is not None else None
     todo: list[tuple[int, int, int, str]] = []
     for index, start in enumerate(range(0, n, chunk_rows)):
         stop = min(start + chunk_rows, n)
         rows = slice(start, stop)
-        key = chunk_key(settings, split, ids[rows], texts[rows], paths[rows], has_image[rows])
-        stored = load_chunk(layout.embed_chunk(split, index), key, stop - start, dims)
+        chunk_llm = llm_in[rows] if llm_in is not None else None
+        key = chunk_key(
+            settings, split, ids[rows], texts[rows], paths[rows], has_image[rows], chunk_llm
+        )
+        stored = load_chunk(layout.embed_chunk(split, index), key, stop - start, dims, llm_dim)
         if stored is None:
             todo.append((index, start, stop, key))
         else:
-            text_emb[rows], image_emb[rows], mask[rows] = stored
+            text_emb[rows], image_emb[rows], mask[rows] = stored[:3]
+            if llm_emb is not None:
+                llm_emb[rows] = stored[3]
     n_chunks = -(-n // chunk_rows)
-    timings = dict.fromkeys(("texts", "text_seconds", "images", "image_seconds"), 0.0)
+    timings = dict.fromkeys(TIMINGS, 0.0)
     done = n - sum(stop - start for _, start, stop, _ in todo)
     with tqdm(total=n, initial=done, unit="row", desc=f"embed {split}", disable=None) as bar:
         for index, start, stop, key in todo:
             rows = slice(start, stop)
             bar.set_postfix_str(f"chunk {index + 1}/{n_chunks}")
-            arrays, chunk_timings = embed_chunk(texts[rows], paths[rows], encoders)
+            chunk_llm = llm_in[rows] if llm_in is not None else None
+            arrays, chunk_timings = embed_chunk(texts[rows], paths[rows], encoders, chunk_llm)
             save_chunk(layout.embed_chunk(split, index), key, *arrays)
-            text_emb[rows], image_emb[rows], mask[rows] = arrays
+            text_emb[rows], image_emb[rows], mask[rows] = arrays[:3]
+            if llm_emb is not None:
+                llm_emb[rows] = arrays[3]
             for name, value in chunk_timings.items():
                 timings[name] += value
             bar.update(stop - start)
     return SplitEmbedding(
-        text_emb, image_emb, mask, timings, computed=len(todo), reused=n_chunks - len(todo)
+        text_emb,
+        image_emb,
+        mask,
+        timings,
+        computed=len(todo),
+        reused=n_chunks - len(todo),
+        llm=llm_emb,
     )
+
+
+def write_llm_block(raw: Mapping[str, np.ndarray], block: LlmBlock, layout: Layout) -> dict:
+    """Fit the Standardiser on the train split's raw vectors, write every split standardised
+    (`layout.llm_embeddings`), the standardiser's arrays and `llm.json`; return the block's facts
+    for meta.json."""
+    if "train" not in raw:
+        raise StageError("the LLM block is standardised on the train rows: no train split given")
+    try:
+        standardiser = Standardiser.fit(raw["train"])
+    except ValueError as exc:
+        raise StageError(f"embed.llm: {exc}") from exc
+    for split, vectors in raw.items():
+        np.save(layout.llm_embeddings(split), standardiser.transform(vectors))
+    standardiser.save(layout.features_dir)
+    facts = {
+        "llm_model": block.encoder.ref,
+        "llm_dim": block.dim,
+        "llm_layer": block.variant.layer,
+        "llm_pooling": block.variant.pooling,
+        "llm_max_length": block.encoder.max_length,
+    }
+    write_block_meta(layout.features_dir, facts)
+    return facts
+
+
+def remove_llm_block(layout: Layout) -> None:
+    """Delete the LLM block's files a run with the block on left (consumers read the block when
+    its file exists, so a stale one must not outlive a run that turned it off)."""
+    for split in SPLITS:
+        layout.llm_embeddings(split).unlink(missing_ok=True)
+    for path in layout.llm_block_files():
+        path.unlink(missing_ok=True)
 
 
 def embed_tables(
@@ -311,14 +442,17 @@ def embed_tables(
     chunk_rows = check_chunk_rows(cfg)
     settings = vector_settings(cfg, encoders)
     layout.features_dir.mkdir(parents=True, exist_ok=True)
-    totals = dict.fromkeys(("texts", "text_seconds", "images", "image_seconds"), 0.0)
+    totals = dict.fromkeys(TIMINGS, 0.0)
     metrics: dict[str, float] = {"chunks_computed": 0.0, "chunks_reused": 0.0}
     hashes: dict[str, str] = {}
+    llm_raw: dict[str, np.ndarray] = {}
     for split, table in tables.items():
         done = embed_split(split, table, encoders, layout, settings, chunk_rows)
         np.save(layout.text_embeddings(split), done.text)
         np.save(layout.image_embeddings(split), done.image)
         np.save(layout.image_mask(split), done.mask)
+        if done.llm is not None:
+            llm_raw[split] = done.llm
         hashes[f"row_hash_{split}"] = row_hash(table[ID].tolist())
         for key in totals:
             totals[key] += done.timings[key]
@@ -328,6 +462,17 @@ def embed_tables(
         metrics[f"images_failed_{split}"] = float((has_image & ~done.mask).sum())
         metrics["chunks_computed"] += done.computed
         metrics["chunks_reused"] += done.reused
+    block = encoders.llm
+    llm_facts: dict[str, Any] = {}
+    if block is not None:
+        llm_facts = write_llm_block(llm_raw, block, layout)
+        metrics["llm_load_seconds"] = block.load_seconds
+        if totals["llm_texts"]:
+            rate = totals["llm_texts"] / max(totals["llm_seconds"], 1e-9)
+            metrics["llm_texts_per_second"] = rate
+        llm_facts |= {k: v for k, v in metrics.items() if k.startswith("llm_")}
+    else:
+        remove_llm_block(layout)
     # Every split's arrays are written: the checkpoints have served (DVC deletes the outputs
     # before a run, so a split's chunks are kept until the last split is done).
     clear_checkpoints(layout)
@@ -344,6 +489,13 @@ def embed_tables(
     speed = f"{metrics['texts_per_s']:.0f} texts/s" if "texts_per_s" in metrics else "no text"
     if "images_per_s" in metrics:
         speed += f", {metrics['images_per_s']:.1f} images/s"
+    llm_part = ""
+    if block is not None:
+        rate = metrics.get("llm_texts_per_second")
+        llm_part = (
+            f"; LLM block {block.dim}-d ({block.variant.label}, loaded in "
+            f"{block.load_seconds:.0f}s" + (f", {rate:.1f} texts/s)" if rate else ")")
+        )
     where = f"{encoders.threads} thread(s)" if encoders.device == "cpu" else encoders.device
     chunks = (
         f"{metrics['chunks_computed']:.0f} chunk(s) of up to {chunk_rows} rows computed, "
@@ -352,11 +504,13 @@ def embed_tables(
     return StageRecord(
         summary=(
             f"embed: {coverage}; text {text.dim}-d, image {image.dim}-d; {speed} encoded on "
-            f"{where}; {chunks} -> {layout.features_dir}"
+            f"{where}{llm_part}; {chunks} -> {layout.features_dir}"
         ),
         metrics=metrics,
-        tags={"text_model": text.ref, "image_model": image.ref},
-        params={"text_dim": text.dim, "image_dim": image.dim, "torch_threads": encoders.threads},
+        tags={"text_model": text.ref, "image_model": image.ref}
+        | ({"llm_model": block.encoder.ref} if block is not None else {}),
+        params={"text_dim": text.dim, "image_dim": image.dim, "torch_threads": encoders.threads}
+        | ({"llm_dim": block.dim} if block is not None else {}),
         meta={
             layout.features_dir: {
                 "text_model": text.ref,
@@ -364,6 +518,7 @@ def embed_tables(
                 "image_model": image.ref,
                 "image_dim": image.dim,
                 **hashes,
+                **llm_facts,
             }
         },
         # Logged after `tracking.record` writes it, so the run holds the meta.json it wrote.

@@ -50,7 +50,8 @@ def fold_features(
     for k in fold_ids:
         held = folds == k
         fit_rows, fit_emb = train[~held], emb.take(~held)
-        featurizer = TabularFeaturizer(cfg.text_pca, cfg.image_pca, seed).fit(fit_rows, fit_emb)
+        featurizer = TabularFeaturizer(cfg.text_pca, cfg.image_pca, seed, cfg.llm_pca)
+        featurizer.fit(fit_rows, fit_emb)
         x_test = None
         if test is not None and test_emb is not None:
             x_test = featurizer.transform(test, test_emb)
@@ -59,7 +60,7 @@ def fold_features(
                 k,
                 held,
                 featurizer,
-                featurizer.transform(fit_rows, fit_emb),
+                featurizer.transform_fit_rows(fit_rows, fit_emb),
                 featurizer.transform(train[held], emb.take(held)),
                 x_test,
             )

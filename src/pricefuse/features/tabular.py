@@ -26,7 +26,9 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.core import compat
-from pricefuse.core.layout import NAME_AS_WRITTEN
+from pricefuse.core.layout import FOLD, LOG_PRICE, NAME_AS_WRITTEN
+from pricefuse.features.product_terms import product_terms
+from pricefuse.features.target_encoding import Encoding, out_of_group
 
 # scikit-learn loads libgomp, which reads OMP_WAIT_POLICY once and shares itself with the
 # boosters loaded later; so the default is set before sklearn is first imported (lazily, below).
@@ -49,6 +51,19 @@ NUMERIC_COLUMNS = (
 # Parsed string columns encoded as integer codes over a vocabulary fitted on train.
 CATEGORICAL_COLUMNS = ("unit", "quantity_kind")
 REQUIRED_COLUMNS = ("item_name", *NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS)
+# Hand features from the item name (pricefuse.features.product_terms): the product type as a
+# categorical code, and the target encodings of the brand, the first two words and the type
+# (pricefuse.features.target_encoding), each fitted on the fold's fit rows only.
+TYPE_CODE = "product_type"
+ENCODED_KEYS = ("brand", "brand_pair", "product_type")
+HAND_COLUMNS = (
+    TYPE_CODE,
+    "brand_te",
+    "brand_count",
+    "brand_pair_te",
+    "brand_pair_count",
+    "product_type_te",
+)
 
 # Words in the item name that move prices: quality tiers, multi-item offers, bulk and refills.
 KEYWORDS: dict[str, str] = {
@@ -75,18 +90,22 @@ class Embeddings:
     """Per-row embedding arrays aligned with a parsed table (row i belongs to row i).
 
     `image_mask[i]` is False where the row has no usable image; its `image` row is meaningless.
+    `llm`: the opt-in LLM text block (pricefuse.features.llm), None when `embed.llm` is off.
     """
 
     text: np.ndarray
     image: np.ndarray
     image_mask: np.ndarray
+    llm: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.text)
-        if len(self.image) != n or len(self.image_mask) != n:
+        llm_rows = n if self.llm is None else len(self.llm)
+        if len(self.image) != n or len(self.image_mask) != n or llm_rows != n:
             raise ValueError(
                 f"embedding rows differ: text {len(self.text)}, image {len(self.image)}, "
                 f"image_mask {len(self.image_mask)}"
+                + ("" if self.llm is None else f", llm {len(self.llm)}")
             )
 
     def __len__(self) -> int:
@@ -94,7 +113,12 @@ class Embeddings:
 
     def take(self, rows: np.ndarray) -> Embeddings:
         """The embeddings of a subset of rows (an index or boolean mask)."""
-        return Embeddings(self.text[rows], self.image[rows], np.asarray(self.image_mask)[rows])
+        return Embeddings(
+            self.text[rows],
+            self.image[rows],
+            np.asarray(self.image_mask)[rows],
+            None if self.llm is None else self.llm[rows],
+        )
 
 
 @dataclass(frozen=True)
@@ -160,31 +184,40 @@ def _pca_width(pca: Projection | None) -> int:
 
 
 class EmbeddingCompressor:
-    """PCA of the text and image embeddings down to a few components each.
+    """PCA of the text and image embeddings (and of the LLM block, when the rows it is fitted on
+    carry one: `llm_pc*`) down to a few components each.
 
     Why the image PCA sees only rows with an image: rows without one carry a zero placeholder
     vector that would dominate the first component; their image components are NaN instead, which
     every booster treats as "missing" and routes on its own.
     """
 
-    def __init__(self, text_components: int, image_components: int, seed: int) -> None:
+    def __init__(
+        self, text_components: int, image_components: int, seed: int, llm_components: int = 0
+    ) -> None:
         self.text_components = text_components
         self.image_components = image_components
+        self.llm_components = llm_components
         self.seed = seed
         self.text_pca: Projection | None = None
         self.image_pca: Projection | None = None
+        self.llm_pca: Projection | None = None
 
     def fit(self, emb: Embeddings) -> Self:
         mask = np.asarray(emb.image_mask, dtype=bool)
         self.text_pca = _fit_pca(np.asarray(emb.text), self.text_components, self.seed)
         self.image_pca = _fit_pca(np.asarray(emb.image)[mask], self.image_components, self.seed)
+        self.llm_pca = None
+        if emb.llm is not None and self.llm_components > 0:
+            self.llm_pca = _fit_pca(np.asarray(emb.llm), self.llm_components, self.seed)
         return self
 
     @property
     def names(self) -> tuple[str, ...]:
         text = tuple(f"text_pc{i}" for i in range(_pca_width(self.text_pca)))
         image = tuple(f"image_pc{i}" for i in range(_pca_width(self.image_pca)))
-        return text + image
+        llm = tuple(f"llm_pc{i}" for i in range(_pca_width(self.llm_pca)))
+        return text + image + llm
 
     def transform(self, emb: Embeddings) -> np.ndarray:
         n = len(emb)
@@ -197,6 +230,13 @@ class EmbeddingCompressor:
             if mask.any():
                 image[mask] = self.image_pca.transform(np.asarray(emb.image)[mask])
             parts.append(image)
+        if self.llm_pca is not None:
+            if emb.llm is None:
+                raise ValueError(
+                    "this featurizer was fitted with the LLM block (llm_pc* features) but the "
+                    "rows have none: compute it as embed does (embed.llm in the params)"
+                )
+            parts.append(self.llm_pca.transform(emb.llm))
         return np.hstack(parts).astype(np.float32)
 
 
@@ -300,15 +340,23 @@ class TabularFeaturizer:
     degrades gracefully on new spellings.
     """
 
-    def __init__(self, text_components: int, image_components: int, seed: int) -> None:
-        self.compressor = EmbeddingCompressor(text_components, image_components, seed)
+    def __init__(
+        self, text_components: int, image_components: int, seed: int, llm_components: int = 0
+    ) -> None:
+        self.compressor = EmbeddingCompressor(
+            text_components, image_components, seed, llm_components
+        )
         self.vocabulary: dict[str, tuple[str, ...]] = {}
         self.names: tuple[str, ...] = ()
         self.extra_columns: tuple[str, ...] = ()
+        # Hand features' fitted state (None: a featurizer saved before them, which has none).
+        self.encodings: dict[str, Encoding] | None = None
 
     @property
     def categorical(self) -> tuple[int, ...]:
-        return tuple(self.names.index(c) for c in CATEGORICAL_COLUMNS)
+        return tuple(
+            self.names.index(c) for c in (*CATEGORICAL_COLUMNS, TYPE_CODE) if c in self.names
+        )
 
     def fit(self, parsed: pd.DataFrame, emb: Embeddings) -> Self:
         _check_rows(parsed, emb)
@@ -316,12 +364,17 @@ class TabularFeaturizer:
             c: tuple(sorted(parsed[c].dropna().astype(str).unique())) for c in CATEGORICAL_COLUMNS
         }
         self.compressor.fit(emb)
+        terms = _terms(parsed, {})
+        self.vocabulary[TYPE_CODE] = tuple(sorted(set(terms[TYPE_CODE])))
+        y = _targets(parsed)
+        self.encodings = {key: Encoding.fit(terms[key], y) for key in ENCODED_KEYS}
         base = tuple(parsed_features(parsed.iloc[:0]).columns)
         self.extra_columns = tuple(c for c in parsed.columns if c.startswith(EXTRA_PREFIXES))
         self.names = (
             *base,
             *CATEGORICAL_COLUMNS,
             "has_image",
+            *HAND_COLUMNS,
             *self.extra_columns,
             *self.compressor.names,
         )
@@ -357,19 +410,62 @@ class TabularFeaturizer:
                     _numeric(parsed[c]) if c in parsed.columns else np.full(len(parsed), np.nan)
                 )
         neighbours = [shared[c] for c in self.extra_columns]
-        values = np.column_stack([base, *codes, has_image, *neighbours]).astype(np.float32)
+        hand = self._hand_columns(parsed, shared)
+        values = np.column_stack([base, *codes, has_image, *hand, *neighbours]).astype(np.float32)
         values = np.hstack([values, self.compressor.transform(emb)])
+        return FeatureMatrix(values, self.names, self.categorical)
+
+    def _hand_columns(self, parsed: pd.DataFrame, shared: dict[str, Any]) -> list[np.ndarray]:
+        """HAND_COLUMNS' values from the encodings fitted on every fit row (held-out, test and
+        served rows); none for a featurizer saved before the hand features."""
+        if self.encodings is None:
+            return []
+        terms = _terms(parsed, shared)
+        enc = self.encodings
+        return [
+            _categorical_codes(terms[TYPE_CODE], self.vocabulary[TYPE_CODE]),
+            enc["brand"].transform(terms["brand"]),
+            enc["brand"].log_counts(terms["brand"]),
+            enc["brand_pair"].transform(terms["brand_pair"]),
+            enc["brand_pair"].log_counts(terms["brand_pair"]),
+            enc["product_type"].transform(terms[TYPE_CODE]),
+        ]
+
+    def transform_fit_rows(self, parsed: pd.DataFrame, emb: Embeddings) -> FeatureMatrix:
+        """The rows this featurizer was fitted on, for the boosters to train on: as
+        `transform`, but each row's target encodings come from the other group folds among
+        them (pricefuse.features.target_encoding.out_of_group), never from its own price."""
+        matrix = self.transform(parsed, emb)
+        if self.encodings is None:
+            return matrix
+        terms = _terms(parsed, {})
+        y = _targets(parsed)
+        groups = parsed[FOLD].to_numpy() if FOLD in parsed.columns else np.zeros(len(parsed))
+        values = matrix.values.copy()
+        for key, te, count in (
+            ("brand", "brand_te", "brand_count"),
+            ("brand_pair", "brand_pair_te", "brand_pair_count"),
+            ("product_type", "product_type_te", None),
+        ):
+            encoded, counts = out_of_group(terms[key], y, groups)
+            values[:, self.names.index(te)] = encoded
+            if count is not None:
+                values[:, self.names.index(count)] = counts
         return FeatureMatrix(values, self.names, self.categorical)
 
     def save(self, directory: Path | str) -> Path:
         """`featurizer.json` (sizes, seed, vocabularies, column layout) and one .npy per PCA
-        array (`<text|image>_pca_<mean|components>.npy`) in `directory`; no pickle."""
+        array (`<text|image|llm>_pca_<mean|components>.npy`) in `directory`; no pickle."""
         if not self.names:
             raise RuntimeError("TabularFeaturizer.save called before fit")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         compressor = self.compressor
-        projections = {"text": compressor.text_pca, "image": compressor.image_pca}
+        projections = {
+            "text": compressor.text_pca,
+            "image": compressor.image_pca,
+            "llm": compressor.llm_pca,
+        }
         for view, projection in projections.items():
             if projection is not None:
                 np.save(directory / f"{view}_pca_mean.npy", projection.mean)
@@ -377,9 +473,13 @@ class TabularFeaturizer:
         state = {
             "text_components": compressor.text_components,
             "image_components": compressor.image_components,
+            "llm_components": compressor.llm_components,
             "seed": compressor.seed,
             "pca": [view for view, projection in projections.items() if projection is not None],
             "vocabulary": {c: list(v) for c, v in self.vocabulary.items()},
+            "encodings": None
+            if self.encodings is None
+            else {key: e.state() for key, e in self.encodings.items()},
             "extra_columns": list(self.extra_columns),
             "names": list(self.names),
         }
@@ -394,7 +494,12 @@ class TabularFeaturizer:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: not a saved TabularFeaturizer")
         state: dict[str, Any] = json.loads(path.read_text())
-        featurizer = cls(state["text_components"], state["image_components"], state["seed"])
+        featurizer = cls(
+            state["text_components"],
+            state["image_components"],
+            state["seed"],
+            state.get("llm_components", 0),  # 0: saved before the LLM block existed
+        )
         for view in state["pca"]:
             projection = Projection(
                 np.load(directory / f"{view}_pca_mean.npy"),
@@ -404,10 +509,34 @@ class TabularFeaturizer:
         featurizer.vocabulary = {c: tuple(v) for c, v in state["vocabulary"].items()}
         featurizer.extra_columns = tuple(state["extra_columns"])
         featurizer.names = tuple(state["names"])
+        encodings = state.get("encodings")
+        if encodings is not None:
+            featurizer.encodings = {k: Encoding.from_state(v) for k, v in encodings.items()}
         pcs = featurizer.compressor.names
         if pcs and featurizer.names[-len(pcs) :] != pcs:
             raise ValueError(f"{path}: feature names do not end with the saved PCA components")
         return featurizer
+
+
+_TERMS_KEY = "<product_terms>"
+
+
+def _terms(parsed: pd.DataFrame, shared: dict[str, Any]) -> dict[str, list[str]]:
+    """Brand, first-two-words and product type of each row's name as written (computed once
+    per `shared` cache: every fold's featurizer reads the same)."""
+    if _TERMS_KEY not in shared:
+        column = NAME_AS_WRITTEN if NAME_AS_WRITTEN in parsed.columns else "item_name"
+        names = ["" if v is None or v is pd.NA or v != v else str(v) for v in parsed[column]]
+        shared[_TERMS_KEY] = product_terms(names)
+    return shared[_TERMS_KEY]
+
+
+def _targets(parsed: pd.DataFrame) -> np.ndarray:
+    """The fit rows' log1p prices for the target encodings; a table without prices (a caller
+    fitting on unpriced rows) gets NaN encodings rather than an error."""
+    if LOG_PRICE in parsed.columns:
+        return _numeric(parsed[LOG_PRICE])
+    return np.full(len(parsed), np.nan)
 
 
 def _check_rows(parsed: pd.DataFrame, emb: Embeddings) -> None:

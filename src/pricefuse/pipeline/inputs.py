@@ -59,7 +59,8 @@ def load_image_mask(layout: Layout, split: str, parsed: pd.DataFrame) -> np.ndar
 
 
 def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBatch:
-    """Parsed rows + embeddings of `split` (+ the `nbr_*` columns when `neighbours`)."""
+    """Parsed rows + embeddings of `split` (+ the `nbr_*` columns when `neighbours`), and the LLM
+    text block as `llm` when embed wrote it (`embed.llm.model` set; None otherwise)."""
     paths = [
         layout.parsed(split),
         layout.text_embeddings(split),
@@ -85,7 +86,8 @@ def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBat
             f"{split}: {len(parsed)} parsed rows but embedding rows {counts}; "
             "re-run embed after preprocess"
         )
-    batch = MemberBatch(parsed, text, image, mask)
+    llm = _load_llm_block(layout, split, len(parsed))
+    batch = MemberBatch(parsed, text, image, mask, llm=llm)
     if neighbours:
         features = pd.read_parquet(paths[4])
         if ID not in features.columns or not features[ID].equals(parsed[ID]):
@@ -94,6 +96,21 @@ def load_rows(layout: Layout, split: str, neighbours: bool = False) -> MemberBat
             )
         batch = batch.with_columns(features.drop(columns=[ID]))
     return batch
+
+
+def _load_llm_block(layout: Layout, split: str, rows: int) -> np.ndarray | None:
+    """The LLM block of `split` when its file exists (embed writes it only when configured),
+    checked for its row count (its row order is the parsed table's, hashed with the others)."""
+    path = layout.llm_embeddings(split)
+    if not path.is_file():
+        return None
+    llm = np.load(path)
+    if llm.ndim != 2 or len(llm) != rows:
+        raise StageError(
+            f"{split}: {rows} parsed rows but the LLM block {path} has shape {llm.shape}; "
+            "re-run embed after preprocess"
+        )
+    return llm
 
 
 def load_stage_rows(params: Params, split: str, consumer: str) -> MemberBatch:

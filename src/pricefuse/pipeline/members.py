@@ -36,6 +36,9 @@ class MemberBatch:
     and a predictor that knows where a column lives (`base` for parsed fields, `arrays` for the
     joined numbers) never needs the join; any other reader still gets every column from
     `parsed`. The names in `arrays` are never columns of `base`.
+
+    `llm`: the opt-in LLM text block (pricefuse.features.llm; standardised, one row per row),
+    None when `embed.llm` is off. Every batch derived from this one carries it.
     """
 
     base: pd.DataFrame
@@ -43,6 +46,7 @@ class MemberBatch:
     image: np.ndarray
     image_mask: np.ndarray
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    llm: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @functools.cached_property
     def parsed(self) -> pd.DataFrame:
@@ -79,7 +83,7 @@ class MemberBatch:
         if added:
             parsed = pd.concat([parsed, values if not replaced else values[added]], axis=1)
         kept = {name: v for name, v in self.arrays.items() if name not in values.columns}
-        return MemberBatch(parsed, self.text, self.image, self.image_mask, kept)
+        return MemberBatch(parsed, self.text, self.image, self.image_mask, kept, self.llm)
 
     def with_arrays(self, arrays: Mapping[str, np.ndarray]) -> MemberBatch:
         """The same rows with extra (or replaced) numeric columns given as arrays (one value per
@@ -91,7 +95,8 @@ class MemberBatch:
         shadowed = [name for name in values if name in base.columns]
         if shadowed:
             base = base.drop(columns=shadowed)
-        return MemberBatch(base, self.text, self.image, self.image_mask, {**self.arrays, **values})
+        arrays = {**self.arrays, **values}
+        return MemberBatch(base, self.text, self.image, self.image_mask, arrays, self.llm)
 
 
 def _positional(frame: pd.DataFrame) -> pd.DataFrame:
@@ -139,7 +144,8 @@ PRODUCERS: tuple[Producer, ...] = (
     Producer(
         "gbdt",
         "train_gbdt",
-        lambda params: tuple(params.gbdt.boosters),
+        # one per booster, then the `_unit` and `_own` variants (GbdtConfig.members)
+        lambda params: params.gbdt.members,
     ),
 )
 

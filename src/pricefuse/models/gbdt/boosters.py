@@ -20,6 +20,7 @@ GPU training is not bit-reproducible (both libraries sum in a non-deterministic 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Self
@@ -28,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from pricefuse.core import compat
-from pricefuse.core.config import GbdtConfig
-from pricefuse.features.tabular import FeatureMatrix
+from pricefuse.core.config import OWN_VIEW_SUFFIX, UNIT_SUFFIX, GbdtConfig
+from pricefuse.features.tabular import EXTRA_PREFIXES, FeatureMatrix
 
 # libgomp reads OMP_WAIT_POLICY once, when the first booster library loads it; the boosters are
 # imported lazily below, so setting the default here is early enough for library users too.
@@ -394,7 +395,12 @@ class CatBoostBooster(_NativeBooster):
 
 
 def xgboost_params(options: FitOptions) -> dict[str, Any]:
-    """`xgb.train`'s parameters: `hist` trees, on the GPU when `options.device` is "cuda"."""
+    """`xgb.train`'s parameters: `hist` trees, on the GPU when `options.device` is "cuda".
+
+    With the Huber objective `base_score` is 0.0: the targets are already centred on the fold's
+    training median (models.gbdt.training), so 0 is that median; left unset, XGBoost would
+    estimate an intercept of its own for `reg:pseudohubererror` from the centred targets, a
+    second, different centre on top of the median."""
     cfg, own = options.cfg, options.cfg.xgboost
     params = {
         **_xgboost_objective(cfg),
@@ -407,6 +413,8 @@ def xgboost_params(options: FitOptions) -> dict[str, Any]:
         "seed": options.seed,
         "nthread": options.n_jobs,
     }
+    if cfg.objective == "huber":
+        params["base_score"] = 0.0  # the fold median: see the docstring
     if options.device == "cuda":
         params["device"] = "cuda"
     return params
@@ -447,3 +455,90 @@ def booster_class(name: str) -> type[Booster]:
         return BOOSTERS[name]
     except KeyError:
         raise ValueError(f"unknown booster {name!r}; known: {', '.join(BOOSTERS)}") from None
+
+
+# The FeatureMatrix column a per-unit member's target and prediction are shifted by: log1p of the
+# canonical total quantity (pricefuse.data.catalog), NaN or 0 where unknown.
+UNIT_BASE_COLUMN = "log_quantity"
+
+
+@dataclass(frozen=True)
+class MemberKind:
+    """What a gbdt member is: its booster kind, whether it is trained on log price per
+    canonical unit (`per_unit`, member `<booster>_unit`), and whether it reads only its own view
+    of the features, without the `member_*` / `nbr_*` columns (`own_view`, member
+    `<booster>_own`, see `view_columns`)."""
+
+    booster: str
+    per_unit: bool = False
+    own_view: bool = False
+
+
+# A member name's suffix -> its kind's flags (GbdtConfig.members writes the names with
+# pricefuse.core.config.GBDT_VARIANTS' suffixes); no suffix is a plain booster.
+_SUFFIX_FLAGS: dict[str, dict[str, bool]] = {
+    UNIT_SUFFIX: {"per_unit": True},
+    OWN_VIEW_SUFFIX: {"own_view": True},
+}
+
+
+def member_kind(member: str) -> MemberKind:
+    """The MemberKind of a gbdt member name: `lightgbm` -> MemberKind("lightgbm"),
+    `lightgbm_unit` -> per unit, `lightgbm_own` -> own view (GbdtConfig.members writes the
+    names). The kind is checked: an unknown one is the ValueError of `booster_class`."""
+    kind = MemberKind(member)
+    for suffix, flags in _SUFFIX_FLAGS.items():
+        if member.endswith(suffix):
+            kind = MemberKind(member.removesuffix(suffix), **flags)
+            break
+    booster_class(kind.booster)
+    return kind
+
+
+def view_columns(names: Sequence[str], own_view: bool) -> list[int] | None:
+    """The indices, in order, of the columns an own-view member reads: every feature whose
+    name does not start with one of tabular's EXTRA_PREFIXES (the stacked `member_*` and the
+    neighbour `nbr_*` columns); None (all columns) for any other member. Training and serving
+    both select through this (`member_view`, and the predictor's merged models)."""
+    if not own_view:
+        return None
+    return [i for i, name in enumerate(names) if not name.startswith(EXTRA_PREFIXES)]
+
+
+def member_view(x: FeatureMatrix, kind: MemberKind) -> FeatureMatrix:
+    """The features member `kind` is trained on and predicts from: `x` itself, or for an
+    own-view member its `view_columns` (categorical indices renumbered to the subset)."""
+    columns = view_columns(x.names, kind.own_view)
+    if columns is None:
+        return x
+    position = {old: new for new, old in enumerate(columns)}
+    return FeatureMatrix(
+        x.values[:, columns],
+        tuple(x.names[i] for i in columns),
+        tuple(position[i] for i in x.categorical if i in position),
+    )
+
+
+def unit_base(x: FeatureMatrix, per_unit: bool) -> np.ndarray | float:
+    """What a member's target is shifted by, per row of `x`: log1p(quantity) from the features'
+    `log_quantity` column (0 where unknown) for a per-unit member, 0 otherwise.
+
+    Why from the features: training, OOF, test and serving then all compute it alike from the
+    same matrix the booster reads, and a per-unit member predicts log price per canonical unit
+    (`target - unit_base`), whose level varies across products far less than the price's.
+    """
+    if not per_unit:
+        return 0.0
+    if UNIT_BASE_COLUMN not in x.names:
+        raise ValueError(f"a per-unit gbdt member needs the {UNIT_BASE_COLUMN!r} feature")
+    values = np.asarray(x.values[:, x.names.index(UNIT_BASE_COLUMN)], dtype=np.float64)
+    return np.where(np.isfinite(values), values, 0.0)
+
+
+def member_prediction(
+    raw: np.ndarray, offset: float, base: np.ndarray | float, clip: tuple[float, float]
+) -> np.ndarray:
+    """A fold model's log1p price: its raw output plus the fold's target offset and the rows'
+    `unit_base`, clipped to `clip` (models.gbdt.training.clip_range). Training and serving both
+    call this, so OOF, test and served predictions add the same numbers in the same order."""
+    return np.clip(raw + offset + base, clip[0], clip[1])

@@ -19,8 +19,13 @@ from pricefuse.core.errors import StageError
 from pricefuse.core.layout import ID, Layout
 from pricefuse.core.metrics import smape_from_log
 from pricefuse.core.records import StageRecord
-from pricefuse.models.neighbours.predictor import MEMBER, NeighbourIndex, knn_estimate
-from pricefuse.models.neighbours.search import SPACES, NeighbourRows
+from pricefuse.models.neighbours.predictor import (
+    MEMBER,
+    NeighbourIndex,
+    knn_estimate,
+    llm_space_error,
+)
+from pricefuse.models.neighbours.search import LLM_SPACE, SPACES, NeighbourRows
 from pricefuse.models.neighbours.training import oof_features
 from pricefuse.pipeline.inputs import train_targets
 from pricefuse.pipeline.members import MemberBatch
@@ -43,7 +48,7 @@ def check_config(cfg: NeighboursConfig) -> None:
 
 
 def _rows(batch: MemberBatch) -> NeighbourRows:
-    return NeighbourRows(batch.parsed, batch.text, batch.image, batch.image_mask)
+    return NeighbourRows(batch.parsed, batch.text, batch.image, batch.image_mask, batch.llm)
 
 
 def build_neighbours(
@@ -52,6 +57,8 @@ def build_neighbours(
     """Features (data.neighbours_dir), the saved index and the knn member's predictions
     (model_dir("neighbours")); test features come from the saved index, as serving computes them."""
     check_config(cfg)
+    if LLM_SPACE in cfg.spaces and (train.llm is None or test.llm is None):
+        raise StageError(llm_space_error())
     y, folds = train_targets(train.parsed)
     out_dir = layout.model_dir(PRODUCER)
     started = time.perf_counter()

@@ -39,6 +39,7 @@ from pricefuse.features.ngrams import (
     text_view,
 )
 from pricefuse.models.neighbours.search import (
+    LLM_SPACE,
     PREFIX,
     SPACES,
     STATS,
@@ -92,6 +93,13 @@ class _Space:
         return search_dense(queries, self.keys, k, self._index, n_jobs=n_jobs)
 
 
+def llm_space_error() -> str:
+    return (
+        f"neighbours.spaces lists {LLM_SPACE} but the rows carry no LLM text block: set "
+        f"embed.llm.model (and re-run embed), or remove {LLM_SPACE} from neighbours.spaces"
+    )
+
+
 def _view(space: str) -> str:
     return space.removeprefix("tfidf_")
 
@@ -103,6 +111,10 @@ def _space_rows(space: str, rows: NeighbourRows) -> tuple[Any, np.ndarray]:
     if space == "image":
         mask = np.asarray(rows.image_mask, dtype=bool)
         return rows.image[mask], mask
+    if space == LLM_SPACE:
+        if rows.llm is None:
+            raise ValueError(llm_space_error())
+        return rows.llm, np.ones(len(rows), dtype=bool)
     raise ValueError(f"unknown neighbour space {space!r}; known: {', '.join(SPACES)}")
 
 
@@ -160,7 +172,7 @@ class NeighbourIndex:
     def augment(self, batch: Any) -> Any:
         """The registry's feature hook: `batch` (a MemberBatch) with the neighbour columns added
         (also as its `arrays`, which the heads read them from)."""
-        rows = NeighbourRows(batch.base, batch.text, batch.image, batch.image_mask)
+        rows = NeighbourRows(batch.base, batch.text, batch.image, batch.image_mask, batch.llm)
         matrix = self.feature_matrix(rows)
         return batch.with_arrays({name: matrix[:, i] for i, name in enumerate(self.columns)})
 

@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-SPACES = ("tfidf_name", "tfidf_text", "text_embedding", "image")
+SPACES = ("tfidf_name", "tfidf_text", "text_embedding", "image", "llm_embedding")
+# The space read from the opt-in LLM text block (embed.llm): refused while the block is off.
+LLM_SPACE = "llm_embedding"
 STATS = ("mean", "median", "std", "top1_sim", "top1")
 PREFIX = "nbr_"
 
@@ -48,12 +50,14 @@ def feature_names(spaces: tuple[str, ...]) -> list[str]:
 
 @dataclass(frozen=True)
 class NeighbourRows:
-    """The inputs of the neighbour search for a set of rows (arrays aligned with `parsed`)."""
+    """The inputs of the neighbour search for a set of rows (arrays aligned with `parsed`);
+    `llm`: the LLM text block, None when embed did not compute it."""
 
     parsed: pd.DataFrame
     text: np.ndarray
     image: np.ndarray
     image_mask: np.ndarray
+    llm: np.ndarray | None = None
 
     def take(self, rows: np.ndarray) -> NeighbourRows:
         return NeighbourRows(
@@ -61,6 +65,7 @@ class NeighbourRows:
             self.text[rows],
             self.image[rows],
             np.asarray(self.image_mask, dtype=bool)[rows],
+            None if self.llm is None else self.llm[rows],
         )
 
     def __len__(self) -> int:

@@ -39,8 +39,6 @@ p.requires_grad` (plus the head's), and save `trainable_state_dict()` (plus the 
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -49,24 +47,21 @@ import torch
 from torch import nn
 
 from pricefuse.core import compat
-from pricefuse.core.sources import ModelSourceError, ResolvedModel, resolve
+from pricefuse.core.sources import resolve
+from pricefuse.features.decoder import (
+    POOLINGS,
+    pool,
+    pretrained_source,
+)
+from pricefuse.features.decoder import (
+    load_decoder_base as _load_base,
+)
+from pricefuse.features.decoder import (
+    prepare_tokenizer as _prepare_tokenizer,
+)
 from pricefuse.models.text.precision import choose_precision, cuda_capability
 
-POOLINGS = ("last", "mean")
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def pretrained_source(resolved: ResolvedModel) -> tuple[str, str | None]:
-    """(directory, gguf file name or None) for transformers' `from_pretrained`."""
-    path = resolved.path
-    if path.is_dir():
-        return str(path), None
-    if path.suffix == ".gguf":
-        return str(path.parent), path.name
-    raise ModelSourceError(
-        f"decoder model {resolved.ref!r} resolved to {path}: expected a transformers model "
-        "directory (config.json, tokenizer, weights) or a .gguf file"
-    )
 
 
 def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -84,76 +79,6 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         raise ValueError(
             f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}"
         ) from None
-
-
-@functools.lru_cache(maxsize=2)
-def _gguf_config_and_tokenizer(directory: str, gguf_file: str, size: int, mtime_ns: int):
-    """Config and tokenizer parsed from a GGUF once per process (size/mtime: a changed file misses).
-
-    Each parse reads the whole metadata (its 262k-token vocabulary) in pure Python: 10-20 s.
-    """
-    from transformers import AutoConfig, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    return config, tokenizer
-
-
-def _load_base(resolved: ResolvedModel, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """The decoder without its LM head (hidden states out), and its tokenizer."""
-    compat.apply()  # transformers imports torchvision when it is installed
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory, gguf_file = pretrained_source(resolved)
-    try:
-        if gguf_file:
-            stat = resolved.path.stat()
-            config, tokenizer = _gguf_config_and_tokenizer(
-                directory, gguf_file, stat.st_size, stat.st_mtime_ns
-            )
-            config, tokenizer = copy.deepcopy(config), copy.deepcopy(tokenizer)
-            lm = AutoModelForCausalLM.from_pretrained(
-                directory, gguf_file=gguf_file, config=config, dtype=dtype
-            )
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-            lm = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    except (OSError, ValueError, ImportError) as exc:
-        raise ModelSourceError(
-            f"could not load decoder {resolved.ref!r} from {resolved.path} "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
-    base = lm.base_model  # e.g. Gemma3TextModel / Qwen2Model: `lm` minus `lm_head`
-    if base is lm:
-        raise ModelSourceError(f"{resolved.ref!r} has no separate base model under its LM head")
-    return base, tokenizer
-
-
-def _prepare_tokenizer(tokenizer: Any) -> Any:
-    """Right padding, and a pad token (the EOS when the model has none): batches just work."""
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ModelSourceError("the decoder's tokenizer has neither a pad nor an EOS token")
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """(batch, seq, dim) -> (batch, dim): the last real token's state, or the masked mean.
-
-    "last" finds the last position whose mask is 1, so left- and right-padded batches pool alike.
-    `torch.where`, not a product: a padded position's state must not leak in, even as NaN.
-    """
-    mask = attention_mask.to(torch.bool)
-    if pooling == "last":
-        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-        last = torch.where(mask, positions, -1).amax(dim=1).clamp(min=0)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if pooling == "mean":
-        summed = torch.where(mask.unsqueeze(-1), hidden, 0.0).sum(dim=1)
-        return summed / mask.sum(dim=1, keepdim=True).clamp(min=1).to(hidden.dtype)
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 class PooledDecoder(nn.Module):
