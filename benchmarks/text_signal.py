@@ -73,6 +73,29 @@ def member_table(project: Path, train: pd.DataFrame, oof: pd.DataFrame) -> dict:
     )
 
 
+NEW_MEMBERS = ("lightgbm_unit", "lightgbm_own")
+
+
+def leave_out_table(project: Path, train: pd.DataFrame, oof: pd.DataFrame, seed: int) -> dict:
+    """The ensemble refitted without each member this work added, and without both: what each
+    adds once the others are there."""
+    present = [m for m in NEW_MEMBERS if m in oof.columns]
+    cases = [("every member", [])] + [(f"without {m}", [m]) for m in present]
+    if len(present) > 1:
+        cases.append(("without " + " and ".join(present), present))
+    rows = []
+    for label, dropped in cases:
+        score, method = ensemble_smape(train, oof.drop(columns=dropped), project, seed)
+        print(f"{label}: {score:.2f} ({method})", flush=True)
+        rows.append([label, score, method])
+    return table(
+        "The ensemble refitted without the members that err differently",
+        ["members", "ensemble OOF SMAPE (%)", "method"],
+        rows,
+        formats=[None, ".2f", None],
+    )
+
+
 def correlation_table(title: str, train: pd.DataFrame, oof: pd.DataFrame) -> dict:
     corr = error_correlation(train[LOG_PRICE].to_numpy(), {c: oof[c] for c in oof.columns})
     print(f"\n{title}\n{format_table(corr)}")
@@ -297,6 +320,7 @@ def main() -> None:
             )
         )
     tables.append(correlation_table("Correlation of the members' OOF log errors", train, oof))
+    tables.append(leave_out_table(args.project, train, oof, args.seed))
     if not args.no_llm:
         tables += llm_tables(args.project, args, train, oof)
     if args.results:

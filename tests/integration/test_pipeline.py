@@ -49,7 +49,12 @@ TINY = {
     "ablation": {"fusion_variants": ["text", "all"]},
     # The fine-tuned text member is off by default (minutes per epoch on a CPU); here it runs
     # with a small setting so the pipeline, the registry and the served model include it.
-    "ensemble": {"members": ["fusion", "lightgbm", "xgboost", "catboost", "linear", "knn", "text"]},
+    "ensemble": {
+        "members": [
+            *("fusion", "lightgbm", "xgboost", "catboost", "lightgbm_unit", "lightgbm_own"),
+            *("linear", "knn", "text"),
+        ]
+    },
     "text": {"max_length": 16, "epochs": 1, "smape_epochs": 0, "batch_size": 16},
     # demo image links are paths on this disk: let the served model read them, so its answers
     # can be compared with the submission (which used the same images); links to a loopback
@@ -133,8 +138,9 @@ def test_dvc_repro_runs_every_stage(project: Path):
     assert "smape_oof_lightgbm" in by_stage["train_gbdt"]["metrics"]
     assert by_stage["train_gbdt"]["tags"]["upstream.neighbours"] == by_stage["neighbours"]["id"]
     ensemble = by_stage["ensemble"]["metrics"]
-    for member in ("fusion", "lightgbm", "xgboost", "catboost", "linear", "knn", "text"):
+    for member in TINY["ensemble"]["members"]:
         assert f"smape_oof_{member}" in ensemble, member
+    assert "error_correlation_mean" in ensemble and "gain_over_best_member" in ensemble
     assert by_stage["ensemble"]["tags"]["upstream.train_text"] == by_stage["train_text"]["id"]
     assert "smape_fold_0" in by_stage["train_text"]["metrics"]
     assert "smape_oof_blend" in ensemble and "smape_oof_stack_ridge" in ensemble
