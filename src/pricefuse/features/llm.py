@@ -21,6 +21,7 @@ the ratio of those few dimensions and every row is every other row's neighbour.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -212,7 +213,9 @@ class LlmEncoder:
                 ).to(device)
                 mask = batch["attention_mask"]
                 context = (
-                    torch.autocast("cuda", dtype=half) if half is not None else _null_context()
+                    torch.autocast("cuda", dtype=half)
+                    if half is not None
+                    else contextlib.nullcontext()
                 )
                 with context:
                     hidden = self.base(
@@ -232,14 +235,6 @@ class LlmEncoder:
         elapsed = time.perf_counter() - started
         self.texts_per_second = len(texts) / elapsed if elapsed > 0 else float("nan")
         return out
-
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def write_block_meta(directory: Path, meta: dict[str, Any]) -> None:
