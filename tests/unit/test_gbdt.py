@@ -418,20 +418,11 @@ def test_unit_members_serve_model_plus_offset_plus_log_quantity(fold_fit, monkey
             np.testing.assert_allclose(served[name], expected, rtol=0, atol=1e-12)
 
 
-def test_save_load_round_trip_of_unit_members_through_both_paths(
-    fold_fit, tmp_path: Path, monkeypatch
-) -> None:
-    """A saved and reloaded predictor answers every member (the `_unit` ones too) bit for bit,
-    on a request small enough for the merged models and on the fold-by-fold path."""
+def _assert_same_answers_on_both_paths(predictor, loaded, args, monkeypatch) -> None:
+    """`loaded` answers every member of `predictor` bit for bit: 5 rows (the merged models), 40
+    rows (fold by fold), and the 5 rows again with merging off."""
     from pricefuse.models.gbdt import predictor as module
 
-    predictor, args = fold_fit
-    loaded = GbdtPredictor.load(predictor.save(tmp_path / "gbdt"))
-    assert loaded.kinds == predictor.kinds
-    assert loaded.kinds["xgboost_unit"] == MemberKind("xgboost", per_unit=True)
-    assert loaded.offsets == predictor.offsets
-    assert loaded.merged_folds()["lightgbm_unit"] is not None
-    assert loaded.merged_folds()["xgboost_unit"] is not None
     small = (args[0].iloc[:5], *(a[:5] for a in args[1:]))
     for rows in (small, args):  # 5 rows: merged; 40 rows: fold by fold
         before, after = predictor.predict(*rows), loaded.predict(*rows)
@@ -442,6 +433,22 @@ def test_save_load_round_trip_of_unit_members_through_both_paths(
     fold_by_fold = loaded.predict(*small)
     for name, values in predictor.predict(*small).items():
         np.testing.assert_array_equal(fold_by_fold[name], values)
+
+
+def test_save_load_round_trip_of_unit_members_through_both_paths(
+    fold_fit, tmp_path: Path, monkeypatch
+) -> None:
+    """A saved and reloaded predictor answers every member (the `_unit` ones too) bit for bit,
+    on a request small enough for the merged models and on the fold-by-fold path."""
+
+    predictor, args = fold_fit
+    loaded = GbdtPredictor.load(predictor.save(tmp_path / "gbdt"))
+    assert loaded.kinds == predictor.kinds
+    assert loaded.kinds["xgboost_unit"] == MemberKind("xgboost", per_unit=True)
+    assert loaded.offsets == predictor.offsets
+    assert loaded.merged_folds()["lightgbm_unit"] is not None
+    assert loaded.merged_folds()["xgboost_unit"] is not None
+    _assert_same_answers_on_both_paths(predictor, loaded, args, monkeypatch)
 
 
 def test_a_manifest_without_member_kinds_still_loads(fold_fit, tmp_path: Path) -> None:
@@ -652,7 +659,6 @@ def test_own_view_save_load_round_trip_through_both_paths(
     """A saved and reloaded predictor keeps each member's view (recorded in gbdt.json) and
     answers every member bit for bit, merged (a few rows) and fold by fold; a manifest written
     before own-view members (no `own_view`) loads its members as full-view ones."""
-    from pricefuse.models.gbdt import predictor as module
 
     fit, args = own_fit
     predictor = fit.predictor
@@ -668,16 +674,7 @@ def test_own_view_save_load_round_trip_through_both_paths(
     assert loaded.kinds == predictor.kinds
     assert loaded.merged_folds()["lightgbm_own"] is not None
     assert loaded.merged_folds()["xgboost_own"] is not None
-    small = (args[0].iloc[:5], *(a[:5] for a in args[1:]))
-    for rows in (small, args):  # 5 rows: merged; 40 rows: fold by fold
-        before, after = predictor.predict(*rows), loaded.predict(*rows)
-        assert set(after) == set(predictor.models)
-        for name in before:
-            np.testing.assert_array_equal(after[name], before[name])
-    monkeypatch.setattr(module, "MERGED_MAX_ROWS", 0)
-    fold_by_fold = loaded.predict(*small)
-    for name, values in predictor.predict(*small).items():
-        np.testing.assert_array_equal(fold_by_fold[name], values)
+    _assert_same_answers_on_both_paths(predictor, loaded, args, monkeypatch)
 
     for name in ("lightgbm", "xgboost"):
         del manifest["members"][name]["own_view"]

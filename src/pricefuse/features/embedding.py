@@ -144,7 +144,7 @@ def load_llm_block(cfg: LlmEmbedConfig, device: str) -> LlmBlock:
     try:
         encoder = LlmEncoder.from_ref(cfg.model, cfg.max_length, cfg.batch_size, device)
         variant = Variant(cfg.layer, cfg.pooling)
-        encoder._layer_index(variant.layer)  # the bounds check encode() would make per batch
+        encoder.layer_index(variant.layer)  # the bounds check encode() would make per batch
     except (ModelSourceError, ValueError) as exc:
         raise StageError(f"embed.llm: {exc}") from exc
     return LlmBlock(encoder, variant, time.perf_counter() - started)

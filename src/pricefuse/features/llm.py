@@ -171,7 +171,9 @@ class LlmEncoder:
         base.eval().to(torch.device(resolve_device(device, "embed.device")))
         return cls(ref, base, prepare_tokenizer(tokenizer), max_length, batch_size)
 
-    def _layer_index(self, layer: int) -> int:
+    def layer_index(self, layer: int) -> int:
+        """`layer` (-1 = final, 1..n or -n..-1) as an index into the decoder's hidden states; a
+        ValueError naming the bounds for a layer the model does not have."""
         # hidden_states holds the embeddings then one entry per layer: n_layers + 1 in all.
         index = self.n_layers + 1 + layer if layer < 0 else layer
         if not 1 <= index <= self.n_layers:
@@ -193,7 +195,7 @@ class LlmEncoder:
         texts = list(texts)
         if not variants:
             raise ValueError("no llm variant to encode")
-        indices = [self._layer_index(v.layer) for v in variants]
+        indices = [self.layer_index(v.layer) for v in variants]
         widths = [2 * self.dim if v.pooling == "mean_last" else self.dim for v in variants]
         out = [np.zeros((len(texts), w), dtype=np.float32) for w in widths]
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
